@@ -1,0 +1,152 @@
+"""The common shell of every adapter layer: it wraps one module of the base model.
+
+An adapter layer keeps the original module as ``base_layer`` and holds any number of named adapters for it.
+It knows which adapters are active, whether adapters are disabled, and which are merged into the base
+weights. Each concrete layer (LoRA on Linear, on Embedding, ...) adds its parameters and its forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base class of the wrappers that hold adapters for one base module.
+
+    Subclasses implement ``add_adapter``, ``adapter_tensors``, ``forward`` and, where the math allows,
+    ``delta_weight`` (the change an adapter makes to ``base_layer.weight``, computed in fp32).
+    """
+
+    #: names of the ``ModuleDict``/``ParameterDict`` attributes that hold per-adapter parameters
+    adapter_containers: tuple[str, ...] = ()
+    #: whether the adapter can be folded into the base weights
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: tuple[str, ...] = ()
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+
+    # ----------------------------------------------------------------------------------------------- state
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for container in self.adapter_containers:
+            names.update(dict.fromkeys(getattr(self, container).keys()))
+        return list(names)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = tuple(n for n in names if n in self.adapter_names)
+
+    def _unmerged_active(self) -> tuple[str, ...]:
+        if self.disabled:
+            return ()
+        return tuple(n for n in self.active_adapters if n not in self.merged_adapters)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapter_tensors(name).values())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's parameters keyed by their file suffix (e.g. ``lora_A.weight``)."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it")
+        for container in self.adapter_containers:
+            holder = getattr(self, container)
+            if name in holder:
+                del holder[name]
+        self._forget(name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def _forget(self, name: str) -> None:
+        """Drop per-adapter plain attributes (scalings, ...). Subclasses extend."""
+
+    # ------------------------------------------------------------------------------------------- merging
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter ``name`` in fp32, laid out like ``base_layer.weight``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def merge(self, names: Iterable[str], safe: bool = False) -> None:
+        if not self.mergeable:
+            raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the base weights")
+        for name in names:
+            if name not in self.adapter_names:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; merging it again changes nothing", stacklevel=3)
+                continue
+            self._merge_one(name, safe)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, name: str, safe: bool) -> None:
+        weight = self.base_layer.weight
+        new = weight.detach().float() + self.delta_weight(name)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter {name!r} would put non-finite values into the weights; nothing was changed")
+        with torch.no_grad():
+            weight.copy_(new.to(weight.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_((weight.detach().float() - self.delta_weight(name)).to(weight.dtype))
+
+    # ----------------------------------------------------------------------------------------- unwrapping
+    def unwrapped(self, merged: bool) -> nn.Module:
+        """The module that replaces this wrapper on unload (``merged``: keep merged adapters in the weights)."""
+        if not merged:
+            self.unmerge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+class LayerRegistry:
+    """Maps a base layer type to the adapter-layer class that wraps it.
+
+    A type may be given as a class or as a dotted ``"module.QualName"`` string, so that optional layer types
+    (e.g. transformers' GPT-2 ``Conv1D``) are matched without importing their library. Lookup walks the MRO,
+    so subclasses of a registered type are wrapped too.
+    """
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self._by_name: dict[str, type[nn.Module]] = {}
+
+    def register(self, base_type: type | str, layer_cls: type[nn.Module]) -> None:
+        self._by_name[base_type if isinstance(base_type, str) else _qualname(base_type)] = layer_cls
+
+    def lookup(self, module: nn.Module) -> type[nn.Module] | None:
+        for klass in type(module).__mro__:
+            found = self._by_name.get(_qualname(klass))
+            if found is not None:
+                return found
+        return None
+
+    def supported(self) -> list[str]:
+        return [name.rsplit(".", 1)[-1] for name in self._by_name]
+
+
+def _qualname(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__qualname__}"

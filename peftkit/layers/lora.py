@@ -1,0 +1,79 @@
+"""What every LoRA layer shares: per-adapter rank, alpha, scaling and dropout, and the initialiser table.
+
+y = base(x) + Σ_active s · B A dropout(x), with s = alpha / r (alpha / √r with rsLoRA).
+The concrete layers (``linear.py``, ``embedding.py``, ``conv.py``) create A and B in their own shape and
+supply their own initialisers; adding an initialiser means adding one entry to a layer's table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, LayerRegistry
+
+LORA_LAYERS = LayerRegistry("lora")
+
+
+class LoraLayer(AdapterLayer):
+    adapter_containers = ("lora_A", "lora_B")
+    container_type: ClassVar[type[nn.Module]] = nn.ModuleDict
+    #: init name -> function(layer, adapter_name) that fills A and B
+    initializers: ClassVar[dict[str, Callable[["LoraLayer", str], None]]] = {}
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for container in self.adapter_containers:
+            setattr(self, container, self.container_type())
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "default"
+    ) -> None:
+        initializer = self.initializers.get(init)
+        if initializer is None:
+            raise ValueError(
+                f"init={init!r} is not available for {type(self).__name__} layers; "
+                f"available: {', '.join(sorted(self.initializers))}"
+            )
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[name] = dropout
+        self._create_factors(name, r, **self._factory())
+        with torch.no_grad():
+            initializer(self, name)
+
+    def _create_factors(self, name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _factory(self) -> dict:
+        """New adapters live on the base weight's device, in fp32 when the base is fp16/bf16."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        return {"device": weight.device, "dtype": dtype}
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def _forget(self, name: str) -> None:
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            table.pop(name, None)
+
+
+def kaiming_A_zero_B(layer: LoraLayer, name: str) -> None:
+    """A ~ U(-1/√fan_in, 1/√fan_in) (kaiming-uniform with a=√5, as nn.Linear does), B = 0."""
+    nn.init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+    nn.init.zeros_(layer.lora_B[name].weight)
+
+
+def gaussian_A_zero_B(layer: LoraLayer, name: str) -> None:
+    """A ~ N(0, (1/r)²), B = 0."""
+    nn.init.normal_(layer.lora_A[name].weight, std=1.0 / layer.r[name])
+    nn.init.zeros_(layer.lora_B[name].weight)

@@ -1,0 +1,117 @@
+"""Injection steps that several methods share: wrapping a module, task heads, modules_to_save, biases."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from ..layers.base import AdapterLayer, LayerRegistry
+from ..layers.modules_to_save import ModulesToSave
+from ..targets import TargetError, _close_matches, base_modules, matches
+
+#: transformers class-name suffix -> (PEFT task_type, names of the freshly initialised task head)
+TASK_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ForSequenceClassification": ("SEQ_CLS", ("classifier", "score")),
+    "ForTokenClassification": ("TOKEN_CLS", ("classifier", "score")),
+    "ForQuestionAnswering": ("QUESTION_ANS", ("qa_outputs",)),
+    "ForCausalLM": ("CAUSAL_LM", ()),
+    "LMHeadModel": ("CAUSAL_LM", ()),
+}
+
+
+HEAD_NAMES = frozenset(name for _, heads in TASK_HEADS.values() for name in heads)
+
+
+def task_of(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
+    """The PEFT task type of a transformers model and the names of its task head (by class name)."""
+    class_name = type(model).__name__
+    for suffix, (task, heads) in TASK_HEADS.items():
+        if class_name.endswith(suffix):
+            return task, heads
+    return None, ()
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def wrap(model: nn.Module, path: str, registry: LayerRegistry) -> AdapterLayer:
+    """The adapter layer at ``path``: the existing wrapper, or a new one around the module found there."""
+    current = model.get_submodule(path)
+    if isinstance(current, AdapterLayer):
+        wanted = registry.lookup(current.base_layer)
+        if type(current) is not wanted:
+            raise TypeError(
+                f"module {path!r} already holds a {type(current).__name__} adapter; "
+                f"a {registry.method} adapter cannot be stacked on it (exclude it with exclude_modules)"
+            )
+        return current
+    layer_cls = registry.lookup(current)
+    if layer_cls is None:
+        raise TargetError(
+            f"module {path!r} is a {type(current).__name__}, which {registry.method} cannot wrap; "
+            f"supported layer types: {', '.join(registry.supported())}"
+        )
+    wrapper = layer_cls(current)
+    set_submodule(model, path, wrapper)
+    return wrapper
+
+
+def resolve_modules_to_save(model: nn.Module, requested: Sequence[str] | None) -> list[str]:
+    """Paths of the modules to train fully: the ones asked for plus the model's task head, if any."""
+    _, heads = task_of(model)
+    modules = list(base_modules(model))
+    paths = [p for p, _ in modules]
+    chosen: list[str] = []
+    for name in list(requested or []):
+        found = [p for p in paths if matches([name], p)]
+        if not found and name not in HEAD_NAMES:  # PEFT lists every usual head name ("classifier", "score")
+            raise TargetError(f"modules_to_save entry {name!r} matches no module{_close_matches(name, paths)}")
+        chosen += found
+    for head in heads:
+        chosen += [p for p in paths if matches([head], p) and "." not in p]
+    # keep the outermost modules only, each once
+    unique = list(dict.fromkeys(chosen))
+    return [p for p in unique if not any(p != q and p.startswith(q + ".") for q in unique)]
+
+
+def add_modules_to_save(model: nn.Module, paths: Sequence[str], adapter_name: str) -> None:
+    for path in paths:
+        current = model.get_submodule(path)
+        if not isinstance(current, ModulesToSave):
+            if isinstance(current, AdapterLayer):
+                raise TargetError(f"module {path!r} is already adapted, so it cannot also be in modules_to_save")
+            current = ModulesToSave(current)
+            set_submodule(model, path, current)
+        current.add_adapter(adapter_name)
+
+
+def bias_parameters(model: nn.Module, targets: Sequence[str], mode: str) -> list[str]:
+    """Names of the base biases that train with the adapter: none, all, or those of the adapted layers."""
+    if mode == "none":
+        return []
+    if mode == "lora_only":
+        return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None) is not None]
+    names = []
+    for path, module in _modules_outside_wrappers(model):
+        if isinstance(module, ModulesToSave):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if pname == "bias" and param is not None:
+                names.append(f"{path}.{pname}" if path else pname)
+    return names
+
+
+def _modules_outside_wrappers(model: nn.Module, prefix: str = ""):
+    """Every module, where an adapter layer stands for itself and its base layer (not its adapter params)."""
+    yield prefix.rstrip("."), model
+    for name, child in model.named_children():
+        if isinstance(child, ModulesToSave):
+            continue
+        if isinstance(child, AdapterLayer):
+            yield f"{prefix}{name}.base_layer", child.base_layer
+            continue
+        yield from _modules_outside_wrappers(child, f"{prefix}{name}.")

@@ -1,0 +1,205 @@
+"""LoRA (Hu et al. 2021): W x + b + (alpha/r) · B A dropout(x), with rsLoRA's alpha/√r as an option.
+
+File format: Hugging Face PEFT's ``peft_type: "LORA"`` (see ``peftkit/io.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import Any, Sequence
+
+from torch import nn
+
+from .. import layers  # noqa: F401  (registers the LoRA layer types)
+from ..config import AdapterConfig, require
+from ..layers.base import AdapterLayer
+from ..layers.linear import LoraConv1D, LoraLinear
+from ..layers.lora import LORA_LAYERS
+from ..layers.siblings import group_siblings
+from ..targets import Selection, TargetSpec, compact, select
+from . import Injection, register_method
+from .common import add_modules_to_save, bias_parameters, resolve_modules_to_save, task_of, wrap
+
+#: default targets by transformers ``model_type`` (the attention query and value projections)
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm", "camembert"], ["query", "value"]),
+    **dict.fromkeys(["distilbert"], ["q_lin", "v_lin"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "gpt_neo", "gptj", "phi"],
+        ["q_proj", "v_proj"],
+    ),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+
+BIAS_MODES = ("none", "all", "lora_only")
+INITS = ("default", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """LoRA settings. ``target_modules=None`` uses the model type's default (query and value projections)."""
+
+    method = "lora"
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool = False
+    init: str = "default"
+    bias: str = "none"
+    modules_to_save: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
+        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"alpha must be a positive number, got {self.alpha!r}")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        require(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name) or {}
+            require(isinstance(pattern, dict), f"{name} must be a dict of module-name pattern -> value")
+            for key, value in pattern.items():
+                require(isinstance(value, (int, float)) and value > 0, f"{name}[{key!r}] must be positive, got {value!r}")
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise ValueError(f"{name} key {key!r} is not a valid pattern: {err}") from None
+        for key, value in (self.rank_pattern or {}).items():
+            require(isinstance(value, int), f"rank_pattern[{key!r}] must be an integer, got {value!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {err}") from None
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """Per-module r and alpha: the first rank_pattern/alpha_pattern key that matches the end of the path."""
+        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
+
+
+def _pattern_value(pattern: dict | None, path: str, default):
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        "target_modules is required for this model"
+        + (f" (no default is known for model_type {model_type!r})" if model_type else " (it is not a known transformers model)")
+        + ": pass names such as ['q_proj', 'v_proj'], a regular expression, or 'all-linear'"
+    )
+
+
+class LoraMethod:
+    name = "lora"
+    config_cls = LoraConfig
+    peft_type = "LORA"
+    registry = LORA_LAYERS
+
+    def supports(self, module: nn.Module) -> bool:
+        return self.registry.lookup(module) is not None
+
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> Injection:
+        saved = resolve_modules_to_save(model, config.modules_to_save)
+        selection = Selection(
+            target_modules=config.target_modules if config.target_modules is not None else default_targets(model),
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+            modules_to_save=tuple(saved),
+        )
+        targets = select(model, selection, self.supports, "LoRA")
+        for path in targets:
+            layer = wrap(model, path, self.registry)
+            r, alpha = config.rank_and_alpha(path)
+            self.add_to_layer(layer, adapter_name, config, r, alpha)
+        add_modules_to_save(model, saved, adapter_name)
+        for layer_type in (LoraLinear, LoraConv1D):
+            group_siblings(model, layer_type)
+        return Injection(
+            targets=targets,
+            saved_modules=saved,
+            trained_base_params=bias_parameters(model, targets, config.bias),
+            task_type=task_of(model)[0],
+        )
+
+    def add_to_layer(self, layer: AdapterLayer, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
+
+    # -------------------------------------------------------------------------------------------- files
+    def file_config(self, model: nn.Module, config: LoraConfig, injection: Injection) -> dict[str, Any]:
+        conv1d = any(type(model.get_submodule(t)).__name__ == "LoraConv1D" for t in injection.targets)
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        return {
+            "peft_type": self.peft_type,
+            "task_type": injection.task_type,
+            "base_model_name_or_path": name_or_path,
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": compact(model, injection.targets, self.supports, injection.saved_modules),
+            "exclude_modules": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": dict(config.rank_pattern or {}),
+            "alpha_pattern": dict(config.alpha_pattern or {}),
+            "use_rslora": config.use_rslora,
+            "use_dora": False,
+            "fan_in_fan_out": conv1d,
+            "bias": config.bias,
+            "lora_bias": False,
+            "modules_to_save": list(injection.saved_modules) or None,
+            "init_lora_weights": True if config.init == "default" else config.init,
+            "inference_mode": True,
+        }
+
+    #: PEFT fields whose non-default value changes the math in ways peftkit does not implement
+    UNSUPPORTED = {
+        "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+        "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
+    }
+    RENAMED = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+    IGNORED = {
+        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "fan_in_fan_out",
+        "auto_mapping", "peft_version", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
+        "megatron_core", "qalora_group_size", "arrow_config", "kasa_config", "monteclora_config", "velora_config",
+        "ensure_weight_tying", "modules_to_tie",
+    }
+
+    def config_from_file(self, values: dict[str, Any], source: str) -> LoraConfig:
+        for key, neutral in self.UNSUPPORTED.items():
+            if values.get(key, neutral) not in (neutral, None, False, [], {}):
+                raise ValueError(f"{source}: {key}={values[key]!r} is not supported by peftkit's {self.name} method")
+        fields = {}
+        for key, value in values.items():
+            if key in self.IGNORED or key in self.UNSUPPORTED:
+                continue
+            fields[self.RENAMED.get(key, key)] = value
+        init = fields.get("init", True)
+        if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq"):
+            warnings.warn(
+                f"{source}: init_lora_weights={init!r}: such adapters are relative to a modified base model unless "
+                "they were converted to plain LoRA when saved; peftkit loads them as plain LoRA", stacklevel=3
+            )
+        # an init-only setting: the saved weights replace whatever the init produced
+        fields["init"] = init if init in INITS else "default"
+        return LoraConfig.from_dict(fields, source=source)
+
+
+register_method(LoraMethod())

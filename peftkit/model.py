@@ -1,0 +1,386 @@
+"""AdaptedModel: a base model with named adapters injected into it.
+
+``adapt(model, config)`` wraps the targeted modules of any ``nn.Module`` in adapter layers, freezes the rest
+and returns an ``AdaptedModel`` whose forward takes the same arguments as the model. Adapters can be added,
+activated (several at once: their deltas add up), disabled for a while, merged into the weights, saved,
+loaded and deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import io
+from .config import AdapterConfig
+from .layers.base import AdapterLayer
+from .layers.modules_to_save import ModulesToSave
+from .methods import Injection, Method, method_for_config, method_for_peft_type
+from .methods.common import set_submodule
+from .version import __version__
+
+#: names used for parameters and sub-modules inside adapter layers; an adapter may not be called like them
+RESERVED_NAMES = frozenset({
+    "base", "base_layer", "base_model", "lora", "lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B",
+    "lora_magnitude_vector", "lora_dropout", "modules_to_save", "original_module", "weight", "bias",
+})
+
+
+@dataclass
+class AdapterRecord:
+    config: AdapterConfig
+    method: Method
+    injection: Injection
+    trainable: bool = True
+
+
+@dataclass(frozen=True)
+class TrainableParameters:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {100 * self.share:.4f}%"
+
+
+class AdaptedModel(nn.Module):
+    """A model with adapters. ``forward`` is the base model's forward; attributes fall through to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if isinstance(model, AdaptedModel):
+            raise TypeError("the model is already an AdaptedModel; call adapt() on it to add another adapter")
+        super().__init__()
+        self.base_model = model
+        self.adapters: dict[str, AdapterRecord] = {}
+        self._active: tuple[str, ...] = ()
+        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "adapters", "_active"):
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- adapters
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield path, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    def add_adapter(self, config: AdapterConfig, adapter_name: str = "default", trainable: bool = True) -> None:
+        """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``."""
+        _check_adapter_name(adapter_name, self.adapters)
+        method = method_for_config(config)
+        config = copy.deepcopy(config)
+        try:
+            injection = method.inject(self.base_model, config, adapter_name)
+        except Exception:
+            self._remove_everywhere(adapter_name)
+            raise
+        self.adapters[adapter_name] = AdapterRecord(config, method, injection, trainable)
+        self.set_adapter(list(self._active) or [adapter_name])
+        self._warn_about_unsaved_fresh_weights(adapter_name)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Activate one adapter, or several whose outputs add up. Inactive adapters are frozen."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._require(name)
+        if self.merged_adapters and set(names) != set(self._active):
+            warnings.warn("unmerging the merged adapters before switching the active ones", stacklevel=2)
+            self.unmerge()
+        self._active = tuple(names)
+        for _, layer in self.adapter_layers():
+            layer.set_active(names)
+        self._update_requires_grad()
+
+    def _update_requires_grad(self) -> None:
+        for name, record in self.adapters.items():
+            train = record.trainable and name in self._active
+            for param in self._adapter_params(name):
+                param.requires_grad_(train)
+
+    def _adapter_params(self, name: str) -> list[torch.Tensor]:
+        return list(io.adapter_state(self.base_model, name, self.adapters[name].injection.trained_base_params).values())
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the weights; call unmerge() before deleting it")
+        for _, layer in self.adapter_layers():
+            if name in layer.adapter_names:
+                layer.delete_adapter(name)
+        del self.adapters[name]
+        remaining = [n for n in self._active if n != name] or list(self.adapters)[:1]
+        self._active = ()
+        if remaining:
+            self.set_adapter(remaining)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator["AdaptedModel"]:
+        """Run the plain base model inside the block; the previous state (incl. merges) is restored on exit."""
+        if any(r.injection.trained_base_params for r in self.adapters.values()):
+            warnings.warn("adapters that train base biases (bias='all'/'lora_only') cannot be disabled for those biases", stacklevel=3)
+        saved = [(layer, layer.disabled, list(layer.merged_adapters)) for _, layer in self.adapter_layers()]
+        for layer, _, _ in saved:
+            layer.unmerge()
+            layer.disabled = True
+        try:
+            yield self
+        finally:
+            for layer, was_disabled, merged in saved:
+                layer.disabled = was_disabled
+                layer.merge(merged)
+
+    # -------------------------------------------------------------------------------------------- merging
+    @property
+    def merged_adapters(self) -> list[str]:
+        names: dict[str, None] = {}
+        for _, layer in self.adapter_layers():
+            names.update(dict.fromkeys(layer.merged_adapters))
+        return list(names)
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward then costs nothing extra.
+
+        ``safe=True`` first computes every merged weight on a copy and refuses (changing nothing) if any value
+        is not finite.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        for name in names:
+            self._require(name)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapter(s) {already} already merged; merging again changes nothing", stacklevel=2)
+        names = [n for n in names if n not in already]
+        layers = [(path, layer) for path, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
+        tied = _tied_parameters(self.base_model)
+        for path, layer in layers:
+            if not layer.mergeable:
+                raise NotImplementedError(f"{type(layer).__name__} at {path!r} cannot be merged into the base weights")
+            weight = getattr(layer.base_layer, "weight", None)
+            if weight is not None and len(tied.get(id(weight), ())) > 1:
+                raise ValueError(
+                    f"the weight of {path!r} is shared with {[n for n in tied[id(weight)] if not n.startswith(path + '.')]} "
+                    "(tied embeddings): merging would change those modules too. Keep this adapter unmerged, "
+                    "or untie the weights first"
+                )
+        if safe:
+            for path, layer in layers:
+                for name in names:
+                    if name in layer.adapter_names and not _merge_is_finite(layer, name):
+                        raise ValueError(
+                            f"merging adapter {name!r} would put non-finite values into {path!r}; nothing was changed"
+                        )
+        for _, layer in layers:
+            layer.merge([n for n in names if n in layer.adapter_names])
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe: bool = False) -> nn.Module:
+        """Merge the active adapters and return the plain base model (wrappers removed, trained heads kept)."""
+        self.merge(safe=safe)
+        return self._unwrap(merged=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        return self._unwrap(merged=False)
+
+    def _unwrap(self, merged: bool) -> nn.Module:
+        for path, layer in reversed(list(self.adapter_layers())):
+            set_submodule(self.base_model, path, layer.unwrapped(merged))
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad_before.get(name, True))
+        self.adapters.clear()
+        self._active = ()
+        return self.base_model
+
+    # --------------------------------------------------------------------------------------------- files
+    def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
+        """Save in Hugging Face PEFT's format: 'default' in ``path``, any other adapter in ``path/<name>``."""
+        names = [adapter_name] if adapter_name is not None else list(self.adapters)
+        for name in names:
+            record = self._require(name)
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is merged; unmerge() before saving so that its weights are exact")
+            directory = Path(path) if name == "default" else Path(path) / name
+            tensors = io.adapter_state(self.base_model, name, record.injection.trained_base_params)
+            config = record.method.file_config(self.base_model, record.config, record.injection)
+            io.write_adapter(directory, tensors, config, {"peftkit_version": __version__, "adapter_name": name})
+
+    def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False) -> None:
+        """Add an adapter from a folder (strict: any key or shape difference is an error and nothing stays)."""
+        _check_adapter_name(adapter_name, self.adapters)
+        directory = io.find_adapter_dir(path, adapter_name)
+        source = str(directory)
+        values = io.read_config(directory)
+        tensors, _ = io.read_tensors(directory)
+        method = method_for_peft_type(values["peft_type"], source)
+        config = method.config_from_file(values, source)
+        was_active = list(self._active)
+        try:
+            self.add_adapter(config, adapter_name, trainable=trainable)
+            record = self.adapters[adapter_name]
+            expected = io.adapter_state(self.base_model, adapter_name, record.injection.trained_base_params)
+            io.check_and_copy(expected, tensors, source)
+        except Exception:
+            if adapter_name in self.adapters:
+                self.delete_adapter(adapter_name)
+                self._drop_empty_layers()
+                if was_active:
+                    self.set_adapter(was_active)
+            else:
+                self._remove_everywhere(adapter_name)
+            raise
+
+    def _remove_everywhere(self, adapter_name: str) -> None:
+        """Undo a partial injection: drop the adapter from every layer and unwrap layers left empty."""
+        for _, layer in self.adapter_layers():
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+        self._drop_empty_layers()
+
+    def _drop_empty_layers(self) -> None:
+        for path, layer in reversed(list(self.adapter_layers())):
+            if not layer.adapter_names:
+                set_submodule(self.base_model, path, layer.base_layer)
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def trainable_parameters(self) -> TrainableParameters:
+        params = {id(p): p for p in self.parameters()}.values()
+        return TrainableParameters(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+    def targeted_modules(self, adapter_name: str = "default") -> list[str]:
+        return list(self._require(adapter_name).injection.targets)
+
+    def cast_frozen(self, dtype: torch.dtype = torch.bfloat16) -> "AdaptedModel":
+        """Cast the frozen base weights (and floating buffers) to ``dtype``; trainable parameters stay as they are
+        (fp32 master weights). Train under ``torch.autocast(device, dtype)`` afterwards: the adapters then compute
+        in ``dtype`` and receive fp32 gradients."""
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        with torch.no_grad():
+            for module in self.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if id(param) not in trainable and param.is_floating_point():
+                        param.data = param.data.to(dtype)
+                for name, buffer in list(module.named_buffers(recurse=False)):
+                    if buffer is not None and buffer.is_floating_point():
+                        setattr(module, name, buffer.to(dtype))
+        return self
+
+    def enable_gradient_checkpointing(self, reentrant: bool = False) -> None:
+        """Turn on activation checkpointing of a transformers model (non-reentrant by default).
+
+        Reentrant checkpointing only passes gradients through if the block inputs require grad, so with a frozen
+        embedding we make the embedding output require grad.
+        """
+        kwargs = {"use_reentrant": reentrant}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(self.base_model, "gradient_checkpointing_enable"):
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise TypeError(f"{type(self.base_model).__name__} is not a transformers model with activation checkpointing")
+        if reentrant:
+            self.base_model.enable_input_require_grads()
+
+    def _require(self, name: str) -> AdapterRecord:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; adapters: {list(self.adapters) or 'none'}")
+        return self.adapters[name]
+
+    def _warn_about_unsaved_fresh_weights(self, adapter_name: str) -> None:
+        """Weights that from_pretrained initialised at random are lost on reload unless saved with the adapter."""
+        base = {n: p for n, p in self.base_model.named_parameters()}
+        if not any(getattr(p, "_is_hf_initialized", False) for p in base.values()):
+            return  # not loaded by transformers' from_pretrained: nothing tells fresh weights apart
+        adapter_ids = {id(t) for name in self.adapters for t in self._adapter_params(name)}
+        saved_ids = {id(t) for t in self._adapter_params(adapter_name)}
+        covered = {id(p) for path, layer in self.adapter_layers() if adapter_name in layer.adapter_names
+                   and isinstance(layer, ModulesToSave) for p in layer.base_layer.parameters()}
+        fresh = sorted({n.replace(".base_layer", "").rsplit(".", 1)[0] for n, p in base.items()
+                        if not getattr(p, "_is_hf_initialized", False) and id(p) not in adapter_ids
+                        and id(p) not in saved_ids and id(p) not in covered})
+        if fresh:
+            warnings.warn(
+                f"module(s) {fresh} were initialised at random by from_pretrained (not in the checkpoint) and are "
+                f"neither trained nor saved with adapter {adapter_name!r}: a reloaded model would get other random "
+                f"weights. Add them to modules_to_save.",
+                stacklevel=3,
+            )
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={list(self._active)}"
+
+
+def _check_adapter_name(name: str, existing: Iterable[str]) -> None:
+    if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():
+        raise ValueError(f"adapter name {name!r} is not valid: use letters, digits, '_' or '-', without dots")
+    if name in RESERVED_NAMES or name.startswith("lora_"):
+        raise ValueError(
+            f"adapter name {name!r} collides with the names peftkit uses for parameters and modules "
+            f"({', '.join(sorted(RESERVED_NAMES))}, lora_*); choose another name"
+        )
+    if name in existing:
+        raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+
+
+def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _merge_is_finite(layer: AdapterLayer, name: str) -> bool:
+    return bool(torch.isfinite(layer.base_layer.weight.detach().float() + layer.delta_weight(name)).all())
+
+
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
+    """Inject an adapter into ``model`` (any ``nn.Module``); on an ``AdaptedModel`` this adds another adapter."""
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    try:
+        adapted.add_adapter(config, adapter_name)
+    except Exception:
+        if adapted is not model:
+            adapted.unload()  # leave the user's model as it was
+        raise
+    return adapted
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False
+) -> AdaptedModel:
+    """Load an adapter folder (peftkit's or Hugging Face PEFT's) into a model or an ``AdaptedModel``."""
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    try:
+        adapted.load_adapter(path, adapter_name, trainable=trainable)
+    except Exception:
+        if adapted is not model:
+            adapted.unload()
+        raise
+    return adapted
