@@ -255,3 +255,21 @@ def test_forward_signature_and_attribute_passthrough():
     assert model.config.model_type == "bert"  # falls through to the base model
     out = model(input_ids=torch.randint(0, 100, (2, 4)), labels=torch.tensor([0, 1]))
     assert out.loss is not None and out.logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 8), (torch.float16, 11)])
+def test_half_precision_merge_error_is_one_rounding(dtype, bits):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 48)).to(dtype)
+    original = base[0].weight.detach().float().clone()
+    model = peftkit.adapt(base, peftkit.LoraConfig(r=4, alpha=8, target_modules=["0"]))
+    randomize(model, scale=0.1)
+    delta = model.base_model[0].delta_weight("default")
+    exact = original + delta
+    model.merge()
+    merged = model.base_model[0].base_layer.weight.detach().float()
+    tiny = torch.finfo(dtype).smallest_normal  # below it, fp16 rounds with a fixed (subnormal) spacing
+    assert ((merged - exact).abs() <= (exact.abs() + tiny) * 2.0**-bits).all()
+    model.unmerge()
+    restored = model.base_model[0].base_layer.weight.detach().float()
+    assert ((restored - original).abs() <= (original.abs() + exact.abs() + 2 * tiny) * 2.0**-bits).all()
