@@ -61,6 +61,8 @@ TRAIN = [
 ]
 MEMORY_EXTRA = [
     Workload("LoRA all-linear r=8 dropout 0.1, gradient checkpointing", "peftkit", "all-linear", 0.1, checkpointing=True),
+    Workload("LoRA all-linear r=8 dropout 0.1, gradient checkpointing, fast mode", "peftkit", "all-linear", 0.1,
+             checkpointing=True, fast=True),
     Workload("floor, gradient checkpointing", "floor", checkpointing=True),
 ]
 
