@@ -13,18 +13,19 @@ $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[demo]"
+	$(PIP) install -e ".[demo,train]"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[demo,test]"
+	$(PIP) install -e ".[demo,train,test]"
 	touch $@
 
 install: $(VENV)/.base
 install-test: $(VENV)/.test
 
 demo: install
-	$(PY) -m peftkit.demo
+	rm -rf demo_output/run
+	$(PY) -m peftkit.cli train --output_dir demo_output/run
 
 test: install-test
 	$(PY) -m pytest -q

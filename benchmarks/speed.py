@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's malloc trimming on (see peftkit/ops/memory.py); by default the benchmark "
                              "keeps freed memory, so that workloads of different sizes do not fault each other's pages in")
+    parser.add_argument("--note", default="", help="a line added to the RESULTS.md entry (e.g. how the machine was loaded)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-extra", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,7 +274,8 @@ def main() -> None:
     if not args.no_append:
         notes = (f"Medians of {args.repeats} interleaved rounds (inference: {args.repeats * 2}); fp32 unless noted; "
                  f"{args.threads} threads; PEFT {_version('peft')}, transformers {_version('transformers')}; glibc malloc "
-                 + ("default." if args.malloc_default else "set to keep freed memory (peftkit.ops.memory), for every workload."))
+                 + ("default." if args.malloc_default else "set to keep freed memory (peftkit.ops.memory), for every workload.")
+                 + (f" {args.note}" if args.note else ""))
         common.append_results("Speed and memory: peftkit vs Hugging Face PEFT", table, notes)
 
 

@@ -10,13 +10,14 @@ from .config import AdapterConfig, ConfigError
 from .fast import fast_training
 from .io import AdapterFileError
 from .methods import available_methods, get_method, register_method
+from .methods.head import HeadConfig
 from .methods.lora import LoraConfig
 from .model import AdaptedModel, TrainableParameters, adapt, load_adapter
 from .targets import TargetError
 from .version import __version__
 
 __all__ = [
-    "AdaptedModel", "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "TargetError",
+    "AdaptedModel", "AdapterConfig", "AdapterFileError", "ConfigError", "HeadConfig", "LoraConfig", "TargetError",
     "TrainableParameters", "__version__", "adapt", "available_methods", "fast_training", "get_method", "load_adapter",
     "register_method",
 ]

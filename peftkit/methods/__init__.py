@@ -46,7 +46,7 @@ def register_method(method: Method) -> Method:
 
 
 def _load_builtin() -> None:
-    from . import lora  # noqa: F401  (registers itself)
+    from . import head, lora  # noqa: F401  (each registers itself)
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,98 @@
+"""Task models with a choice of pooling for the classification head.
+
+transformers' ``...ForSequenceClassification`` classifies the ``pooler`` output (a dense layer + tanh on the first
+token). Sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained for *mean* pooling and their pooler
+was never trained; classifying through it throws information away. ``pooling``:
+
+- ``"pooler"``: the transformers class itself (adapter files then load in Hugging Face PEFT unchanged);
+- ``"cls"`` / ``"mean"``: the encoder's last hidden states, first token or attention-masked mean, then dropout and a
+  linear classifier (``PooledForSequenceClassification``);
+- ``"auto"``: the model's own sentence-transformers pooling (``1_Pooling/config.json``) when it has one, else pooler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+POOLINGS = ("auto", "pooler", "cls", "mean")
+
+
+def resolve_pooling(model_path: str | Path, pooling: str) -> str:
+    if pooling != "auto":
+        return pooling
+    config = Path(model_path) / "1_Pooling" / "config.json"
+    if config.is_file():
+        modes = json.loads(config.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+    return "pooler"
+
+
+class PooledForSequenceClassification(nn.Module):
+    """encoder -> pooling (cls or masked mean) -> dropout -> linear; forward like a transformers classifier."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float | None = None):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean' here, got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        hidden = encoder.config.hidden_size
+        p = dropout if dropout is not None else getattr(encoder.config, "hidden_dropout_prob", 0.1)
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(hidden, num_labels)
+        self.num_labels = num_labels
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs) -> torch.Tensor:
+        """The pooled sentence features (what the classifier sees, before dropout)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**inputs, **kwargs).last_hidden_state
+        return self.pool(hidden, attention_mask)
+
+    def classify(self, features: torch.Tensor, labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.classifier(self.dropout(features))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        return self.classify(self.features(input_ids, attention_mask, token_type_ids, **kwargs), labels)
+
+
+def build_classifier(model_path: str | Path, num_labels: int, pooling: str = "auto", **labels_kwargs) -> nn.Module:
+    """A sequence classifier over a pretrained encoder; its new head is initialised at random."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    pooling = resolve_pooling(model_path, pooling)
+    if pooling == "pooler":
+        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, **labels_kwargs)
+    encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False) if _has_pooler_arg(model_path) \
+        else AutoModel.from_pretrained(model_path)
+    return PooledForSequenceClassification(encoder, num_labels, pooling)
+
+
+def _has_pooler_arg(model_path) -> bool:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).model_type in ("bert", "roberta", "xlm-roberta", "camembert")

@@ -1,0 +1,1 @@
+"""The fine-tuning workflow behind ``peftkit train / eval / predict / merge / info``."""

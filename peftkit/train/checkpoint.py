@@ -1,0 +1,89 @@
+"""Resumable checkpoints, written atomically and read without pickle.
+
+A checkpoint is a folder ``checkpoints/step-000123`` holding ``tensors.safetensors`` (trainable weights, optimizer
+moments, RNG state) and ``state.json`` (positions, scheduler, history). It is written under a temporary name and
+renamed when complete, so a run killed at any moment leaves either the whole checkpoint or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import write_safetensors
+
+PREFIX = "step-"
+
+
+def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:09d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_safetensors(tmp / "tensors.safetensors", tensors)
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(directory: Path) -> list[Path]:
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "tensors.safetensors")), json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------- state helpers
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors and JSON."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        plain["state"][str(pid)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{key}"] = value
+            else:
+                plain["state"][str(pid)][key] = value
+    return tensors, plain
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    state: dict = {}
+    for pid, entries in plain["state"].items():
+        state[int(pid)] = dict(entries)
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    version, internal, gauss = random.getstate()
+    return {"rng.torch": torch.get_rng_state()}, {"python": [version, list(internal), gauss]}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,239 @@
+"""The run configuration of ``peftkit train``: a YAML file plus ``--key value`` overrides, validated up front.
+
+Every key is a field below (``peftkit train --help`` prints them). Unknown keys, wrong types and impossible
+combinations are refused before any work starts, naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0, description="rank of the update B·A")
+    alpha: float = Field(16, gt=0, description="scale numerator: s = alpha / r (alpha / √r with use_rslora)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field("all-linear", description="module names (suffixes), a regex, or 'all-linear'")
+    exclude_modules: str | list[str] | None = Field(None, description="modules never adapted")
+    layers_to_transform: list[int] | None = Field(None, description="only these layer indices")
+    rank_pattern: dict[str, int] | None = Field(None, description="per-module rank: {name pattern: r}")
+    alpha_pattern: dict[str, float] | None = Field(None, description="per-module alpha: {name pattern: alpha}")
+    use_rslora: bool = Field(False, description="scale alpha/√r (rank-stabilised LoRA)")
+    init: Literal["default", "gaussian"] = Field("default", description="initialisation of A (B starts at 0)")
+
+    def library_config(self, modules_to_save: list[str] | None = None):
+        from ..methods.lora import LoraConfig
+
+        return LoraConfig(modules_to_save=modules_to_save, **self.model_dump())
+
+
+class HeadSection(Section):
+    pass
+
+
+class FullSection(Section):
+    pass
+
+
+SECTIONS: dict[str, type[Section]] = {"lora": LoraSection, "head": HeadSection, "full": FullSection}
+
+
+class RunConfig(BaseModel):
+    """Everything ``peftkit train`` needs. Method settings live in the section named like the method."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model and method
+    model: str = Field("minilm", description="path of a transformers model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
+    method: str = Field("lora", description="training method: lora, full or head")
+    pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
+        "auto", description="features the classifier sees: auto = the model's sentence-transformers pooling if any, else pooler")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (method: lora)")
+    head: HeadSection = Field(default_factory=HeadSection, description="head-only settings (method: head)")
+    full: FullSection = Field(default_factory=FullSection, description="full fine-tuning settings (method: full)")
+
+    # data
+    train_file: str | None = Field(None, description="training data: .csv, .tsv or .jsonl (default: the built-in demo intents)")
+    dev_file: str | None = Field(None, description="evaluation data; without it, dev_split of train is held out (stratified)")
+    test_file: str | None = Field(None, description="optional test data, evaluated once at the end with the best model")
+    text_column: str = Field("text", description="column with the text")
+    text_pair_column: str | None = Field(None, description="second text column for sentence pairs (NLI)")
+    label_column: str = Field("label", description="column with the label (strings or integers)")
+    dev_split: float = Field(0.1, gt=0, le=0.5, description="share of train held out as dev when dev_file is not given")
+    max_length: int = Field(128, gt=0, le=8192, description="tokens per example (longer ones are truncated)")
+
+    # optimisation
+    epochs: float = Field(3, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(32, gt=0, description="examples per optimizer step (per process), before accumulation")
+    eval_batch_size: int = Field(64, gt=0, description="examples per evaluation batch")
+    learning_rate: float | None = Field(None, gt=0, description="peak learning rate (default: lora 5e-4, full 5e-5, head 1e-3)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of steps for linear warm-up")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warm-up")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
+    bf16: bool = Field(False, description="bf16 autocast; with adapters the frozen base is stored in bf16, adapters stay fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (non-reentrant)")
+    fast: bool = Field(False, description="peftkit's fast mode: the base model's dropouts use the fast mask")
+    seed: int = Field(42, description="seed of everything (data order, dropout, initialisation)")
+
+    # evaluation and checkpoints
+    eval_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="when to evaluate on dev")
+    eval_steps: int = Field(200, gt=0, description="evaluate every N optimizer steps (eval_strategy: steps)")
+    save_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps (default: at each evaluation)")
+    metric_for_best_model: Literal["accuracy", "macro_f1", "loss"] = Field("accuracy", description="metric that picks the best checkpoint")
+    early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
+    keep_checkpoints: int = Field(2, ge=1, description="how many step checkpoints to keep (the best is kept apart)")
+
+    # output and process
+    output_dir: str = Field("runs/run", description="run folder: adapter, labels, config, report, plots, tensorboard, checkpoints")
+    quiet: bool = Field(False, description="no progress bars; one line per evaluation")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: DDP, or FSDP2 (fully_shard)")
+
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        from .methods import available
+
+        if self.method not in available():
+            raise ValueError(f"method: {self.method!r} is not a training method; choose one of {', '.join(available())}")
+        for name in SECTIONS:
+            if name != self.method and name in self.model_fields_set and getattr(self, name).model_fields_set:
+                raise ValueError(f"{name}: settings given, but method is {self.method!r} (set method: {name}, or drop them)")
+        if self.early_stopping_patience and self.eval_strategy == "no":
+            raise ValueError("early_stopping_patience needs evaluations: set eval_strategy to 'epoch' or 'steps'")
+        if self.distributed == "fsdp" and self.method == "full":
+            raise ValueError("distributed: fsdp is offered for adapter methods; use ddp for full fine-tuning")
+        return self
+
+    @property
+    def peak_learning_rate(self) -> float:
+        from .methods import get
+
+        return self.learning_rate if self.learning_rate is not None else get(self.method).default_lr
+
+    def section(self) -> Section:
+        return getattr(self, self.method)
+
+    def to_yaml(self) -> str:
+        """The resolved config, with the section of the chosen method only."""
+        others = {name for name in SECTIONS if name != self.method}
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=others), sort_keys=False, allow_unicode=True)
+
+
+class ConfigProblem(ValueError):
+    """A configuration that cannot run (unknown key, wrong type, impossible combination)."""
+
+
+def load(path: str | Path | None, overrides: list[str]) -> RunConfig:
+    """The YAML file (if any) with ``--key value`` overrides applied, validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigProblem(f"{path}: no such config file")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigProblem(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigProblem(f"{path}: the config must be a mapping of keys to values")
+    for key, value in _pairs(overrides):
+        _set(values, key, value)
+    return validate(values)
+
+
+def validate(values: dict[str, Any]) -> RunConfig:
+    _check_keys(values, RunConfig, "")
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigProblem(_explain(err)) from None
+
+
+def _pairs(overrides: list[str]):
+    items = list(overrides)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--"):
+            raise ConfigProblem(f"expected --key value, got {flag!r}")
+        key = flag[2:].replace("-", "_") if "=" not in flag else flag[2:].split("=", 1)[0].replace("-", "_")
+        if "=" in flag:
+            raw = flag.split("=", 1)[1]
+        else:
+            if not items or (items[0].startswith("--") and not _is_number(items[0])):
+                raise ConfigProblem(f"--{key} needs a value")
+            raw = items.pop(0)
+        yield key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _set(values: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigProblem(f"--{key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _check_keys(values: dict, model: type[BaseModel], prefix: str) -> None:
+    fields = model.model_fields
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+            raise ConfigProblem(f"unknown config key {prefix + key!r}{hint} (valid keys: {', '.join(prefix + f for f in fields)})")
+        annotation = fields[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{prefix}{key}.")
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "config"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "literal_error":
+            message = f"{message} (got {problem['input']!r})"
+        elif "input" in problem and problem["type"] not in ("value_error",):
+            message = f"{message} (got {problem['input']!r})"
+        lines.append(f"{key}: {message}" if problem["loc"] else message)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def describe() -> str:
+    """Every key with its type, default and description (for ``peftkit train --help``)."""
+    out = []
+    for name, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.append(f"  {name}.*  {field.description}")
+            for sub, subfield in annotation.model_fields.items():
+                out.append(f"      {name}.{sub} (default {subfield.default!r}): {subfield.description}")
+            continue
+        out.append(f"  {name} (default {field.default!r}): {field.description}")
+    return "\n".join(out)

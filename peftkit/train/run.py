@@ -1,0 +1,121 @@
+"""A finished run folder, reopened: its model for evaluation, prediction and merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import yaml
+
+from .. import data as D
+from ..io import write_json
+from .config import ConfigProblem, RunConfig
+from .methods import get as get_method
+from .trainer import CONFIG_FILE, LABELS_FILE, REPORT_FILE, build_model, resolve_model
+
+
+class Run:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / CONFIG_FILE).is_file() or not (self.path / LABELS_FILE).is_file():
+            raise D.DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {LABELS_FILE} are expected)")
+        try:
+            self.config = RunConfig.model_validate(yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8")))
+        except Exception as err:
+            raise ConfigProblem(f"{self.path / CONFIG_FILE}: {err}") from None
+        self.labels = D.LabelMap.from_dict(json.loads((self.path / LABELS_FILE).read_text(encoding="utf-8")))
+        report = self.path / REPORT_FILE
+        self.report = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+        self._model = None
+        self._tokenizer = None
+
+    @property
+    def model_path(self) -> str:
+        return resolve_model(self.config.model)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            fresh = build_model(self.config, self.model_path, self.labels, prepare=False)
+            self._model = get_method(self.config.method).load(fresh, self.path).eval()
+        return self._model
+
+    def probabilities(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+        examples = [D.Example(t, pairs[i] if pairs else None, None, i + 1) for i, t in enumerate(texts)]
+        features = D.encode(self.tokenizer, examples, self.config.max_length)
+        out = torch.empty(len(examples), len(self.labels))
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                logits = self.model(**D.collate(self.tokenizer, [features[i] for i in idx])).logits
+                out[idx] = torch.softmax(logits.float(), -1)
+        return out
+
+    def read(self, path: str | Path, labelled: bool, columns: D.Columns | None = None) -> list[D.Example]:
+        columns = columns or D.Columns(self.config.text_column, self.config.label_column, self.config.text_pair_column)
+        return D.read_examples(path, columns, labelled=labelled)
+
+    def evaluate(self, path: str | Path, columns: D.Columns | None = None) -> dict:
+        from .metrics import scores
+
+        examples = self.read(path, labelled=True, columns=columns)
+        targets = self.labels.ids(examples, str(path))
+        probs = self.probabilities([e.text for e in examples], [e.text_pair for e in examples] if examples[0].text_pair else None)
+        result = scores(targets, probs.argmax(-1).tolist(), self.labels.names)
+        result["loss"] = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), torch.tensor(targets)))
+        return result
+
+    def merge(self, out: str | Path) -> Path:
+        """A plain model (no adapter wrappers) with the tokenizer, written whole, then renamed into place."""
+        from ..heads import PooledForSequenceClassification
+
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+        plain = get_method(self.config.method).merged(self.model)
+        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if isinstance(plain, PooledForSequenceClassification):
+            # the encoder is a plain transformers model; the pooling and the linear head sit beside it
+            from safetensors.torch import save_file
+
+            plain.encoder.save_pretrained(tmp)
+            save_file({k: v.detach().contiguous() for k, v in plain.classifier.state_dict().items()},
+                      str(tmp / "classifier.safetensors"))
+            write_json(tmp / "peftkit_head.json", {"pooling": plain.pooling, "labels": self.labels.names})
+        else:
+            plain.config.id2label = dict(enumerate(self.labels.names))
+            plain.config.label2id = {name: i for i, name in enumerate(self.labels.names)}
+            plain.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        return out
+
+    def info(self) -> dict:
+        report = self.report
+        out = {"run": str(self.path), "method": self.config.method, "base model": self.config.model,
+               "pooling": self.config.pooling, "labels": self.labels.names}
+        if "trainable_parameters" in report:
+            out["trainable"] = (f"{report['trainable_parameters']:,} of {report['total_parameters']:,} "
+                                f"({100 * report['trainable_share']:.3f}%)")
+        for split in ("dev", "test"):
+            if split in report:
+                out[f"{split} accuracy"] = round(report[split]["accuracy"], 4)
+                out[f"{split} macro-F1"] = round(report[split]["macro_f1"], 4)
+        return out

@@ -1,0 +1,476 @@
+"""The training loop of ``peftkit train``: one process, or several under torchrun (DDP or FSDP2).
+
+AdamW; linear warm-up then linear/cosine/constant; gradient accumulation; clipping; bf16 autocast; non-reentrant
+gradient checkpointing; evaluation every N steps or each epoch; early stopping; the best model kept; atomic,
+resumable checkpoints (model, optimizer, scheduler, RNG and position in the data order).
+
+Losses are normalised by the number of examples in the *global* batch, so that the gradient, the logged loss
+and the gradient norm are the same with one process or N processes seeing the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data as D
+from ..io import atomic_write, write_json
+from . import checkpoint as C
+from . import distributed as dist
+from .config import RunConfig
+from .methods import get as get_method
+from .metrics import TensorBoard, plot_confusion, plot_history, scores
+
+LABELS_FILE = "labels.json"
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "report.json"
+
+
+def resolve_model(path: str) -> str:
+    if path == "minilm":
+        from ..demo import minilm_path
+
+        return str(minilm_path())
+    if not Path(path).is_dir():
+        raise D.DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
+    return path
+
+
+def resolve_data(config: RunConfig) -> RunConfig:
+    if config.train_file is None:
+        from ..demo import DATA_DIR
+
+        return config.model_copy(update={"train_file": str(DATA_DIR / "intents_train.csv"),
+                                         "test_file": config.test_file or str(DATA_DIR / "intents_test.csv")})
+    return config
+
+
+@dataclass
+class Datasets:
+    labels: D.LabelMap
+    train: list[D.Example]
+    dev: list[D.Example]
+    test: list[D.Example] = field(default_factory=list)
+
+
+def load_datasets(config: RunConfig) -> Datasets:
+    """Read and check every file before anything is written (errors name file, line and column)."""
+    columns = D.Columns(config.text_column, config.label_column, config.text_pair_column)
+    train = D.read_examples(config.train_file, columns)
+    labels = D.LabelMap.from_examples(train)
+    if len(labels) < 2:
+        raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
+    if config.dev_file:
+        dev = D.read_examples(config.dev_file, columns)
+        labels.ids(dev, config.dev_file)
+    else:
+        train, dev = D.stratified_split(train, config.dev_split, config.seed)
+    test = []
+    if config.test_file:
+        test = D.read_examples(config.test_file, columns)
+        labels.ids(test, config.test_file)
+    return Datasets(labels, train, dev, test)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True) -> nn.Module:
+    from ..heads import build_classifier
+
+    names = dict(enumerate(labels.names))
+    model = build_classifier(model_path, len(labels), config.pooling, id2label=names,
+                             label2id={v: k for k, v in names.items()})
+    if not prepare:
+        return model
+    method = get_method(config.method)
+    model = method.prepare(model, config)
+    if config.bf16 and method.adapter:
+        model.cast_frozen(torch.bfloat16)
+    if config.fast:
+        from ..fast import fast_training
+
+        fast_training(model)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    target = model.base_model if hasattr(model, "enable_gradient_checkpointing") else model
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing(reentrant=False)
+        return
+    inner = getattr(target, "encoder", target)
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def schedule(config: RunConfig, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, config: RunConfig, resume: bool = False) -> None:
+        self.config = resolve_data(config)
+        self.resume = resume
+        self.run_dir = Path(self.config.output_dir)
+        self.env = dist.environment()
+
+    # -- entry point ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        config = self.config
+        model_path = resolve_model(config.model)
+        datasets = load_datasets(config)  # every input problem surfaces here, before the run folder exists
+        self._check_run_folder()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        from ..ops.memory import keep_freed_memory
+
+        keep_freed_memory()
+        dist.init(self.env)
+        self._seed(config.seed)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.datasets = datasets
+        self.features = {name: D.encode(self.tokenizer, getattr(datasets, name), config.max_length)
+                         for name in ("train", "dev", "test")}
+        self.targets = {name: datasets.labels.ids(getattr(datasets, name), name) for name in ("train", "dev", "test")}
+        self.method = get_method(config.method)
+        self.model = build_model(config, model_path, datasets.labels)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.named_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.wrapped = dist.wrap(self.model, self.env, config.distributed)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.peak_learning_rate, weight_decay=config.weight_decay)
+        self.batches_per_epoch = math.ceil(len(datasets.train) / (config.batch_size * self.env.world))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.total_steps))
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+        if self.resume:
+            self._restore()
+        if self.env.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_yaml(), encoding="utf-8"))
+            write_json(self.run_dir / LABELS_FILE, datasets.labels.to_dict())
+        self.board = TensorBoard(self.run_dir / "tensorboard", enabled=self.env.main)
+        self.model.train()  # from_pretrained returns models in eval mode: dropout would be off
+        try:
+            self._loop()
+            report = self._finish()
+        finally:
+            self.board.close()
+            dist.shutdown(self.env)
+        return report
+
+    def _check_run_folder(self) -> None:
+        existing = self.run_dir / CONFIG_FILE
+        if existing.exists() and not self.resume:
+            if C.complete(self.run_dir / "checkpoints") or (self.run_dir / REPORT_FILE).exists():
+                raise FileExistsError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --output_dir"
+                )
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        config, state = self.config, self.state
+        lengths = [len(f["input_ids"]) for f in self.features["train"]]
+        progress = self._progress()
+        window_loss, window_examples, started = 0.0, 0, time.perf_counter()
+        accumulated = 0
+        while state["step"] < self.total_steps:
+            order = D.length_batches(lengths, config.batch_size * self.env.world, seed=config.seed + state["epoch"])
+            while state["batch"] < len(order) and state["step"] < self.total_steps:
+                global_batch = order[state["batch"]]
+                state["batch"] += 1
+                accumulated += 1
+                last_micro = accumulated == config.gradient_accumulation_steps or state["batch"] == len(order)
+                loss_sum = self._micro_step(global_batch, sync=last_micro, accumulation=config.gradient_accumulation_steps)
+                window_loss += loss_sum
+                window_examples += len(global_batch)
+                if not last_micro:
+                    continue
+                accumulated = 0
+                grad_norm = self._optimizer_step()
+                state["step"] += 1
+                lr = self.scheduler.get_last_lr()[0]
+                mean_loss = window_loss / max(1, window_examples)
+                speed = window_examples / max(1e-9, time.perf_counter() - started)
+                record = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / len(order),
+                          "train_loss": mean_loss, "grad_norm": grad_norm, "learning_rate": lr}
+                state["history"].append(record)
+                self.board.scalars({"train/loss": mean_loss, "train/grad_norm": grad_norm, "train/learning_rate": lr,
+                                    "train/examples_per_second": speed}, state["step"])
+                progress(mean_loss, lr, speed)
+                window_loss, window_examples, started = 0.0, 0, time.perf_counter()
+                if self._evaluate_now(end_of_epoch=state["batch"] == len(order)):
+                    if self._evaluate_and_keep_best():
+                        break  # early stopping
+                elif config.save_steps and state["step"] % config.save_steps == 0:
+                    self._checkpoint()
+            else:
+                state["epoch"] += 1
+                state["batch"] = 0
+                continue
+            break
+        progress(None, None, None)
+
+    def _micro_step(self, indices: list[int], sync: bool, accumulation: int) -> float:
+        """Forward/backward of this process's share of a global batch; returns the global sum of losses."""
+        mine = indices[self.env.rank::self.env.world]
+        batch = D.collate(self.tokenizer, [self.features["train"][i] for i in mine])
+        labels = torch.tensor([self.targets["train"][i] for i in mine])
+        context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
+        with context, self._autocast():
+            logits = self.wrapped(**batch).logits
+            losses = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        # ∑ over my examples / global batch size, times world (DDP averages gradients over processes)
+        (losses * self.env.world / (len(indices) * accumulation)).backward()
+        return dist.sum_scalar(losses.detach(), self.env)
+
+    def _optimizer_step(self) -> float:
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
+        norm = float(dist.full(norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.config.bf16 else contextlib.nullcontext()
+
+    def _evaluate_now(self, end_of_epoch: bool) -> bool:
+        strategy = self.config.eval_strategy
+        if strategy == "steps":
+            return self.state["step"] % self.config.eval_steps == 0 or self.state["step"] == self.total_steps
+        if strategy == "epoch":
+            return end_of_epoch or self.state["step"] == self.total_steps
+        return self.state["step"] == self.total_steps
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def predict(self, split: str) -> tuple[torch.Tensor, list[int]]:
+        """Logits of a split (rows in file order) and the true label ids."""
+        features = self.features[split]
+        self.model.eval()
+        outputs = []
+        lengths = [len(f["input_ids"]) for f in features]
+        order = sorted(range(len(features)), key=lambda i: lengths[i])
+        with torch.no_grad(), self._autocast():
+            for start in range(0, len(order), self.config.eval_batch_size):
+                idx = order[start:start + self.config.eval_batch_size]
+                outputs.append((idx, self.model(**D.collate(self.tokenizer, [features[i] for i in idx])).logits.float()))
+        self.model.train()
+        logits = torch.empty(len(features), len(self.datasets.labels))
+        for idx, out in outputs:
+            logits[idx] = out
+        return logits, self.targets[split]
+
+    def evaluate(self, split: str) -> dict:
+        logits, targets = self.predict(split)
+        loss = float(nn.functional.cross_entropy(logits, torch.tensor(targets))) if targets else float("nan")
+        result = scores(targets, logits.argmax(-1).tolist(), self.datasets.labels.names)
+        result["loss"] = loss
+        return result
+
+    @property
+    def sharded(self) -> bool:
+        return self.env.distributed and self.config.distributed == "fsdp"
+
+    def _evaluate_and_keep_best(self) -> bool:
+        """Evaluate on dev, keep the best model, checkpoint; True when early stopping triggers.
+
+        Only the main process evaluates, except under FSDP, where every process takes part in the forward."""
+        config, state = self.config, self.state
+        stop = better = False
+        result = self.evaluate("dev") if self.datasets.dev and (self.env.main or self.sharded) else None
+        if self.env.main and result is not None:
+            metric = result["loss"] if config.metric_for_best_model == "loss" else result[config.metric_for_best_model]
+            better = state["best"] is None or (metric < state["best"] if config.metric_for_best_model == "loss"
+                                               else metric > state["best"])
+            record = {"step": state["step"], "dev_loss": result["loss"], "dev_accuracy": result["accuracy"],
+                      "dev_macro_f1": result["macro_f1"]}
+            state["history"].append(record)
+            self.board.scalars({"dev/loss": result["loss"], "dev/accuracy": result["accuracy"],
+                                "dev/macro_f1": result["macro_f1"]}, state["step"])
+            if better:
+                state["best"], state["best_step"], state["bad_evals"] = metric, state["step"], 0
+            else:
+                state["bad_evals"] += 1
+                stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
+            self._say(f"step {state['step']}: dev loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+                      f"macro-F1 {result['macro_f1']:.4f}" + (" (best)" if better else ""))
+        if dist.broadcast_flag(better, self.env):
+            self._save_model(self.run_dir / "best")
+        self._checkpoint()
+        return dist.broadcast_flag(stop, self.env)
+
+    # -- saving -----------------------------------------------------------------------------------------
+    def _save_model(self, directory: Path) -> None:
+        """The method's artifact (e.g. the adapter), written whole under a temporary name, then renamed."""
+        with dist.gather_for_save(self.model, self.env, self.config.distributed):
+            if not self.env.main:
+                return
+            tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.method.save(self.model, tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+
+    def _checkpoint(self) -> None:
+        with dist.gather_for_save(self.model, self.env, self.config.distributed):
+            if not self.env.main:
+                return
+            tensors = {f"param.{n}": p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
+        rng_tensors, rng_plain = C.rng_state()
+        state = dict(self.state, optimizer=opt_plain, scheduler=self.scheduler.state_dict(), rng=rng_plain,
+                     world=self.env.world)
+        state["scheduler"].pop("lr_lambdas", None)
+        C.save(self.run_dir / "checkpoints", self.state["step"], {**tensors, **opt_tensors, **rng_tensors}, state,
+               keep=self.config.keep_checkpoints)
+
+    def _restore(self) -> None:
+        found = C.complete(self.run_dir / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
+        tensors, state = C.load(found[-1])
+        if state.get("world", 1) != self.env.world:
+            raise ValueError(f"the checkpoint was written by {state.get('world')} process(es); resume with the same number")
+        with torch.no_grad():
+            for name, param in self.named_params.items():
+                param.copy_(tensors[f"param.{name}"])
+        C.restore_optimizer(self.optimizer, tensors, state.pop("optimizer"))
+        scheduler_state = state.pop("scheduler")
+        self.scheduler.load_state_dict({**scheduler_state, "lr_lambdas": [None]})
+        C.restore_rng(tensors, state.pop("rng"))
+        state.pop("world", None)
+        self.state.update(state)
+        self._say(f"resumed from {found[-1].name} (step {self.state['step']}, epoch {self.state['epoch']})")
+
+    # -- the end ----------------------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        config = self.config
+        best_dir = self.run_dir / "best"
+        if self.sharded:  # under FSDP the final weights are the result (reloading the best would need a re-shard)
+            self._save_model(best_dir)
+        elif self.env.main and best_dir.exists():
+            self._load_best(best_dir)
+        report = {}
+        results = {split: self.evaluate(split) for split in ("dev", "test")
+                   if getattr(self.datasets, split) and (self.env.main or self.sharded)}
+        if self.env.main:
+            share = _trainable(self.model)
+            report = {"method": config.method, "model": config.model, "labels": self.datasets.labels.names,
+                      "trainable_parameters": share[0], "total_parameters": share[1], "trainable_share": share[2],
+                      "steps": self.state["step"], "best_step": self.state["best_step"],
+                      "metric_for_best_model": config.metric_for_best_model}
+            report.update(results)
+            self._write_outputs(report)
+        dist.barrier(self.env)
+        return report
+
+    def _load_best(self, best_dir: Path) -> None:
+        from .methods import ADAPTER_DIR, MODEL_DIR
+
+        files = list((best_dir / ADAPTER_DIR).rglob("*.safetensors")) + list((best_dir / MODEL_DIR).rglob("*.safetensors"))
+        if not files:
+            return
+        # reload the best weights into the live model through the method's own loader (strict)
+        fresh = build_model(self.config, resolve_model(self.config.model), self.datasets.labels, prepare=False)
+        loaded = self.method.load(fresh, best_dir)
+        state = {n: p for n, p in loaded.named_parameters()}
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if param.requires_grad and name in state:
+                    param.copy_(state[name].to(param.dtype))
+
+    def _write_outputs(self, report: dict) -> None:
+        run = self.run_dir
+        for name in ("adapter", "model"):
+            source = run / "best" / name
+            if source.exists():
+                target = run / name
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(source, target)
+        if not (run / "best").exists():  # no dev set: the final weights are the result
+            self._save_model(run / "best")
+            self._write_outputs(report)
+            return
+        plots = run / "plots"
+        plot_history(self.state["history"], plots)
+        for split in ("dev", "test"):
+            if split in report:
+                plot_confusion(report[split]["confusion_matrix"], self.datasets.labels.names,
+                               plots / f"confusion_{split}.png", f"confusion matrix ({split})")
+        report["history"] = self.state["history"]
+        write_json(run / REPORT_FILE, report)
+        for split in ("dev", "test"):
+            if split in report:
+                self._say(f"\n{split} set ({len(getattr(self.datasets, split))} examples):\n{report[split]['report_text']}"
+                          f"\naccuracy {report[split]['accuracy']:.4f}   macro-F1 {report[split]['macro_f1']:.4f}")
+        self._say(f"trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
+                  f"({100 * report['trainable_share']:.3f}%)\nrun folder: {run}")
+
+    # -- output ----------------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.env.main:
+            print(text, flush=True)
+
+    def _progress(self):
+        if not self.env.main or self.config.quiet:
+            return lambda *args: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="training", unit="step", dynamic_ncols=True)
+
+        def update(loss, lr, speed):
+            if loss is None:
+                bar.close()
+                return
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{speed:.0f}")
+
+        return update
+
+
+def _trainable(model: nn.Module) -> tuple[int, int, float]:
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return trainable, total, trainable / total if total else 0.0
+
+
+def train(config: RunConfig, resume: bool = False) -> dict:
+    return Trainer(config, resume).train()

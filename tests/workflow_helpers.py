@@ -1,0 +1,57 @@
+"""A tiny transformers model folder with a real tokenizer, and small labelled files, for workflow tests."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+WORDS = {
+    "card": "card lost stolen block missing wallet freeze".split(),
+    "refund": "refund money back return broken item price".split(),
+    "hours": "open hours close weekend time sunday branch".split(),
+}
+
+
+def tiny_model_dir(root: Path, dropout: float = 0.0) -> Path:
+    """A 2-layer BERT (hidden 32) saved with the packaged MiniLM tokenizer (same vocabulary)."""
+    from transformers import BertConfig, BertModel
+
+    from peftkit.demo import minilm_path
+
+    target = root / "tiny-bert"
+    if (target / "config.json").exists():
+        return target
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        max_position_embeddings=128)
+    BertModel(config).save_pretrained(target)
+    source = minilm_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+    return target
+
+
+def intent_rows(count: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = list(WORDS)[i % len(WORDS)]
+        words = rng.sample(WORDS[label], 3) + rng.sample(["please", "my", "the", "i", "need", "help", "now"], 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
