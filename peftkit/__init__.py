@@ -10,6 +10,9 @@ from .config import AdapterConfig, ConfigError
 from .fast import fast_training
 from .io import AdapterFileError
 from .methods import available_methods, get_method, register_method
+from .methods.adalora import AdaLoraConfig
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
 from .methods.head import HeadConfig
 from .methods.lora import LoraConfig
 from .model import AdaptedModel, TrainableParameters, adapt, load_adapter
@@ -17,7 +20,7 @@ from .targets import TargetError
 from .version import __version__
 
 __all__ = [
-    "AdaptedModel", "AdapterConfig", "AdapterFileError", "ConfigError", "HeadConfig", "LoraConfig", "TargetError",
+    "AdaLoraConfig", "AdaptedModel", "BitFitConfig", "BottleneckConfig", "AdapterConfig", "AdapterFileError", "ConfigError", "HeadConfig", "LoraConfig", "TargetError",
     "TrainableParameters", "__version__", "adapt", "available_methods", "fast_training", "get_method", "load_adapter",
     "register_method",
 ]

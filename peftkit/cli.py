@@ -22,12 +22,13 @@ EXIT_BAD_INPUT = 2
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
     from .data import DataError
     from .io import AdapterFileError
     from .targets import TargetError
     from .train.config import ConfigProblem
 
-    return DataError, ConfigProblem, AdapterFileError, TargetError, FileExistsError, FileNotFoundError
+    return DataError, ConfigProblem, ConfigError, AdapterFileError, TargetError, FileExistsError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

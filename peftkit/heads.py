@@ -61,23 +61,28 @@ class PooledForSequenceClassification(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs) -> torch.Tensor:
-        """The pooled sentence features (what the classifier sees, before dropout)."""
+    def _encode(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**inputs, **kwargs).last_hidden_state
-        return self.pool(hidden, attention_mask)
+        return self.encoder(**inputs, **kwargs)
 
-    def classify(self, features: torch.Tensor, labels: torch.Tensor | None = None):
+    def features(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs) -> torch.Tensor:
+        """The pooled sentence features (what the classifier sees, before dropout)."""
+        out = self._encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    def classify(self, features: torch.Tensor, labels: torch.Tensor | None = None, hidden_states=None):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         logits = self.classifier(self.dropout(features))
         loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        return self.classify(self.features(input_ids, attention_mask, token_type_ids, **kwargs), labels)
+        out = self._encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        pooled = self.pool(out.last_hidden_state, attention_mask)
+        return self.classify(pooled, labels, getattr(out, "hidden_states", None))
 
 
 def build_classifier(model_path: str | Path, num_labels: int, pooling: str = "auto", **labels_kwargs) -> nn.Module:

@@ -77,7 +77,12 @@ class AdaptedModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        output = self.base_model(*args, **kwargs)
+        if self.training and getattr(output, "loss", None) is not None:
+            extra = self.regularization()  # as PEFT does for AdaLoRA: only when the model computed a loss
+            if extra is not None:
+                output.loss = output.loss + extra
+        return output
 
     # ------------------------------------------------------------------------------------------- adapters
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -229,6 +234,9 @@ class AdaptedModel(nn.Module):
                 raise ValueError(f"adapter {name!r} is merged; unmerge() before saving so that its weights are exact")
             directory = Path(path) if name == "default" else Path(path) / name
             tensors = io.adapter_state(self.base_model, name, record.injection.trained_base_params)
+            export = getattr(record.method, "export_tensors", None)
+            if export is not None:
+                tensors = export(tensors, record.injection)
             config = record.method.file_config(self.base_model, record.config, record.injection)
             io.write_adapter(directory, tensors, config, {"peftkit_version": __version__, "adapter_name": name})
 
@@ -267,7 +275,27 @@ class AdaptedModel(nn.Module):
     def _drop_empty_layers(self) -> None:
         for path, layer in reversed(list(self.adapter_layers())):
             if not layer.adapter_names:
-                set_submodule(self.base_model, path, layer.base_layer)
+                set_submodule(self.base_model, path, layer.unwrapped(merged=False))
+
+    # ----------------------------------------------------------------------------------- training hooks
+    def _training_records(self):
+        for name in self._active:
+            record = self.adapters[name]
+            if record.trainable:
+                yield record
+
+    def regularization(self) -> torch.Tensor | None:
+        """Extra loss terms of the active trainable adapters (AdaLoRA's orthogonality penalty); None if none."""
+        terms = [hook(r.injection) for r in self._training_records()
+                 if (hook := getattr(r.method, "regularization", None)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Call after each optimizer step (0-based), before zeroing gradients: AdaLoRA's rank budget step."""
+        for record in self._training_records():
+            hook = getattr(record.method, "after_optimizer_step", None)
+            if hook is not None:
+                hook(record.injection, step)
 
     # ------------------------------------------------------------------------------------------- helpers
     def trainable_parameters(self) -> TrainableParameters:

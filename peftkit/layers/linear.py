@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..functional import lora_delta_weight, lora_linear_delta
+from ..functional import dropout, lora_delta_weight, lora_linear_delta
 from ..ops.lora import base_up, dropout_keep, lora_down, merged_lora_linear
 from .lora import LORA_LAYERS, LoraLayer, gaussian_A_zero_B, kaiming_A_zero_B
 from .siblings import SiblingGroup
@@ -14,11 +17,17 @@ from .siblings import SiblingGroup
 class LoraLinear(LoraLayer):
     """y = W x + b + Σ s · B A dropout(x); A is (r, in), B is (out, r).
 
-    One active adapter on a plain Linear/Conv1D runs through the fused kernels of ``peftkit.ops.lora``;
-    anything else (several active adapters, autocast, mixed dtypes, a trainable base weight, a Linear subclass
-    with its own forward) takes the plain formula.
+    DoRA adapters (``use_dora``) add a magnitude m per output row: y = (m / ‖W + sBA‖_row) (W + sBA) x + b, with
+    the norm treated as a constant (detached) and the bias outside the rescale.
+
+    One active LoRA adapter on a plain Linear/Conv1D runs through the fused kernels of ``peftkit.ops.lora``;
+    anything else (DoRA, several active adapters, a trainable base weight, a Linear subclass with its own forward)
+    takes the plain formula.
     """
 
+    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+    container_types = {"lora_magnitude_vector": nn.ParameterDict}
+    supports_dora = True
     initializers = {"default": kaiming_A_zero_B, "gaussian": gaussian_A_zero_B}
     siblings: SiblingGroup | None = None
     weight_is_in_out = False  # GPT-2's Conv1D stores (in, out)
@@ -26,6 +35,7 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = self.features_of(base_layer)
+        self._pristine: torch.Tensor | None = None  # the unmerged weight, kept while a DoRA adapter is merged
 
     @staticmethod
     def features_of(base_layer: nn.Module) -> tuple[int, int]:
@@ -38,14 +48,78 @@ class LoraLinear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = super().adapter_tensors(name)
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    # ------------------------------------------------------------------------------------------- DoRA
+    def weight_out_in(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.base_layer.weight if weight is None else weight
+        return weight.T if self.weight_is_in_out else weight
+
+    def _lora_matrix(self, name: str) -> torch.Tensor:
+        """s · B A in fp32, (out, in)."""
+        return lora_delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+    def dora_norm(self, name: str, weight_out_in: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W + s·B A‖ per output row, fp32, detached (DoRA treats it as a constant)."""
+        weight = (self.weight_out_in() if weight_out_in is None else weight_out_in).detach().float()
+        return torch.linalg.vector_norm(weight + self._lora_matrix(name).detach(), dim=1)
+
+    def _add_magnitude(self, name: str) -> None:
+        weight = self.weight_out_in(self._pristine) if self._pristine is not None else None
+        norm = self.dora_norm(name, weight)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.lora_A[name].weight.dtype))
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    # ------------------------------------------------------------------------------------------ merging
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = lora_delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-        return delta.T if self.weight_is_in_out else delta
+        """ΔW in fp32 and in the base weight's layout. For DoRA it depends on the unmerged weight W:
+        ΔW = (m/n − 1) W + (m/n) s·B A, row by row, with n = ‖W + s·B A‖_row."""
+        lora = self._lora_matrix(name)
+        if self.is_dora(name):
+            original = self.weight_out_in(self._pristine if self._pristine is not None else None).detach().float()
+            scale = (self.lora_magnitude_vector[name].detach().float() / self.dora_norm(name, original)).unsqueeze(1)
+            lora = (scale - 1) * original + scale * lora
+        return lora.T if self.weight_is_in_out else lora
+
+    def merge(self, names, safe: bool = False) -> None:
+        names = [n for n in names if n in self.adapter_names]
+        if not any(self.is_dora(n) for n in self.adapter_names) and self._pristine is None:
+            return super().merge(names, safe)
+        # DoRA deltas depend on the unmerged weight: keep it, and recompose W from it and every merged delta
+        weight = self.base_layer.weight
+        if self._pristine is None:  # plain LoRA deltas may be merged already: take them out (they do not depend on W)
+            original = weight.detach().float() - sum(self.delta_weight(n) for n in self.merged_adapters) \
+                if self.merged_adapters else weight.detach()
+            self._pristine = original.to(weight.dtype).clone()
+        new_names = [n for n in names if n not in self.merged_adapters]
+        if len(new_names) < len(names):
+            warnings.warn("adapter(s) already merged; merging them again changes nothing", stacklevel=3)
+        merged = self.merged_adapters + new_names
+        composed = self._pristine.float() + sum(self.delta_weight(n) for n in merged)
+        if safe and not torch.isfinite(composed).all():
+            raise ValueError(f"merging {new_names} would put non-finite values into the weights; nothing was changed")
+        with torch.no_grad():
+            weight.copy_(composed.to(weight.dtype))
+        self.merged_adapters = merged
+
+    def unmerge(self) -> None:
+        if self._pristine is None:
+            return super().unmerge()
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self._pristine)  # bit for bit the weight before the first merge
+        self._pristine = None
+        self.merged_adapters = []
 
     def fused_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through the fused kernels, or None when the plain formula must be used."""
         active = self._unmerged_active()
-        if len(active) != 1 or not self.is_plain_base() or self.base_layer.weight.requires_grad:
+        if len(active) != 1 or self.is_dora(active[0]) or not self.is_plain_base() or self.base_layer.weight.requires_grad:
             return None
         return active[0] if x.is_floating_point() else None
 
@@ -89,14 +163,31 @@ class LoraLinear(LoraLayer):
         return tokens * (self.in_features + self.out_features) < self.in_features * self.out_features
 
     def _plain_forward(self, x: torch.Tensor, active: tuple[str, ...], *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_result = self.base_layer(x, *args, **kwargs)
         for name in active:
             A = self.lora_A[name].weight
+            if self.is_dora(name):
+                result = result + self._dora_delta(x.to(A.dtype), name, base_result).to(result.dtype)
+                continue
             delta = lora_linear_delta(
                 x.to(A.dtype), A, self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name], self.training
             )
             result = result + delta.to(result.dtype)
         return result
+
+    def _dora_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """(m/n − 1) ⊙ W·drop(x) + (m/n) ⊙ s·B A drop(x); with dropout off: y = (m/n) ⊙ (W + sBA) x + b."""
+        A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        scale = self.lora_magnitude_vector[name] / self.dora_norm(name).to(A.dtype)
+        p = self.lora_dropout[name]
+        dropped = dropout(x, p, self.training)
+        lora = F.linear(F.linear(dropped, A), B) * scaling
+        if dropped is x:  # no dropout: W x is the base output without its bias
+            bias = self.base_layer.bias
+            base = result.to(A.dtype) - (bias.to(A.dtype) if bias is not None else 0)
+        else:
+            base = F.linear(dropped, self.weight_out_in().to(A.dtype))
+        return (scale - 1) * base + scale * lora
 
 
 class LoraConv1D(LoraLinear):

@@ -21,21 +21,31 @@ LORA_LAYERS = LayerRegistry("lora")
 class LoraLayer(AdapterLayer):
     adapter_containers = ("lora_A", "lora_B")
     container_type: ClassVar[type[nn.Module]] = nn.ModuleDict
+    #: containers of another type than ``container_type`` (e.g. DoRA's magnitudes: plain parameters)
+    container_types: ClassVar[dict[str, type[nn.Module]]] = {}
+    #: whether the layer implements DoRA (weight-decomposed LoRA)
+    supports_dora: ClassVar[bool] = False
     #: init name -> function(layer, adapter_name) that fills A and B
     initializers: ClassVar[dict[str, Callable[["LoraLayer", str], None]]] = {}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         for container in self.adapter_containers:
-            setattr(self, container, self.container_type())
+            setattr(self, container, self.container_types.get(container, self.container_type)())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
 
     def add_adapter(
-        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "default"
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "default",
+        use_dora: bool = False,
     ) -> None:
+        if use_dora and not self.supports_dora:
+            raise NotImplementedError(
+                f"DoRA is implemented for Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}; "
+                "exclude such modules with exclude_modules"
+            )
         initializer = self.initializers.get(init)
         if initializer is None:
             raise ValueError(
@@ -49,6 +59,11 @@ class LoraLayer(AdapterLayer):
         self._create_factors(name, r, **self._factory())
         with torch.no_grad():
             initializer(self, name)
+        if use_dora:
+            self._add_magnitude(name)
+
+    def _add_magnitude(self, name: str) -> None:
+        raise NotImplementedError
 
     def _create_factors(self, name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
         raise NotImplementedError

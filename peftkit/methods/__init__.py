@@ -23,6 +23,7 @@ class Injection:
     saved_modules: list[str] = field(default_factory=list)  # modules trained fully (modules_to_save)
     trained_base_params: list[str] = field(default_factory=list)  # base parameters trained and saved (biases)
     task_type: str | None = None
+    state: Any = None  # method-specific training state (e.g. AdaLoRA's rank allocator)
 
 
 class Method(Protocol):
@@ -36,6 +37,9 @@ class Method(Protocol):
 
     def config_from_file(self, values: dict[str, Any], source: str) -> AdapterConfig: ...
 
+    # Optional hooks (looked up with getattr): regularization(injection) -> Tensor, added to the training loss;
+    # after_optimizer_step(injection, step); export_tensors(tensors, injection) -> tensors, applied when saving.
+
 
 _METHODS: dict[str, Method] = {}
 
@@ -46,7 +50,7 @@ def register_method(method: Method) -> Method:
 
 
 def _load_builtin() -> None:
-    from . import head, lora  # noqa: F401  (each registers itself)
+    from . import adalora, bitfit, bottleneck, head, lora  # noqa: F401  (each registers itself)
 
 
 def get_method(name: str) -> Method:

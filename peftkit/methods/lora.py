@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021): W x + b + (alpha/r) · B A dropout(x), with rsLoRA's alpha/√r as an option.
+"""LoRA (Hu et al. 2021): W x + b + (alpha/r) · B A dropout(x), with rsLoRA's alpha/√r as an option, and DoRA
+(Liu et al. 2024, ``use_dora=True``): a learned magnitude per output row of the adapted weight.
 
 File format: Hugging Face PEFT's ``peft_type: "LORA"`` (see ``peftkit/io.py``).
 """
@@ -56,6 +57,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "default"
     bias: str = "none"
     modules_to_save: Sequence[str] | None = None
@@ -140,7 +142,8 @@ class LoraMethod:
         )
 
     def add_to_layer(self, layer: AdapterLayer, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
-        layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
+        layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+                          init=config.init, use_dora=config.use_dora)
 
     # -------------------------------------------------------------------------------------------- files
     def file_config(self, model: nn.Module, config: LoraConfig, injection: Injection) -> dict[str, Any]:
@@ -160,7 +163,7 @@ class LoraMethod:
             "rank_pattern": dict(config.rank_pattern or {}),
             "alpha_pattern": dict(config.alpha_pattern or {}),
             "use_rslora": config.use_rslora,
-            "use_dora": False,
+            "use_dora": config.use_dora,
             "fan_in_fan_out": conv1d,
             "bias": config.bias,
             "lora_bias": False,
@@ -171,7 +174,7 @@ class LoraMethod:
 
     #: PEFT fields whose non-default value changes the math in ways peftkit does not implement
     UNSUPPORTED = {
-        "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+        "lora_bias": False, "layer_replication": None, "target_parameters": None,
         "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
     }
     RENAMED = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}

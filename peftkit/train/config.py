@@ -28,23 +28,92 @@ class LoraSection(Section):
     rank_pattern: dict[str, int] | None = Field(None, description="per-module rank: {name pattern: r}")
     alpha_pattern: dict[str, float] | None = Field(None, description="per-module alpha: {name pattern: alpha}")
     use_rslora: bool = Field(False, description="scale alpha/√r (rank-stabilised LoRA)")
+    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row (Linear layers)")
     init: Literal["default", "gaussian"] = Field("default", description="initialisation of A (B starts at 0)")
 
-    def library_config(self, modules_to_save: list[str] | None = None):
+    def library_config(self, run_info: dict):
         from ..methods.lora import LoraConfig
 
-        return LoraConfig(modules_to_save=modules_to_save, **self.model_dump())
+        return LoraConfig(**self.model_dump())
+
+
+class DoraSection(LoraSection):
+    use_dora: bool = Field(True, description="DoRA: a learned magnitude per output row (Linear layers)")
+
+
+class AdaLoraSection(Section):
+    init_r: int = Field(12, gt=0, description="starting rank of every matrix")
+    target_r: int = Field(8, gt=0, description="average final rank per matrix")
+    alpha: float = Field(16, gt=0, description="scale numerator: s = alpha / init_r")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field("all-linear", description="module names (suffixes), a regex, or 'all-linear'")
+    tinit: int | None = Field(None, ge=0, description="steps at the full budget before it shrinks (default: 10% of the run)")
+    tfinal: int | None = Field(None, ge=0, description="steps at the final budget at the end (default: 20% of the run)")
+    deltaT: int = Field(10, gt=0, description="reallocate the budget every N steps")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of its uncertainty")
+    orth_reg_weight: float = Field(0.5, ge=0, description="weight of the orthogonality regulariser")
+    total_step: int | None = Field(None, gt=0, description="steps of the budget schedule (default: the run's optimizer steps)")
+
+    def library_config(self, run_info: dict):
+        from ..methods.adalora import AdaLoraConfig
+
+        values = self.model_dump()
+        total = values["total_step"] or run_info["total_steps"]
+        values.update(total_step=total,
+                      tinit=values["tinit"] if values["tinit"] is not None else int(0.1 * total),
+                      tfinal=values["tfinal"] if values["tfinal"] is not None else int(0.2 * total))
+        return AdaLoraConfig(**values)
+
+
+class BottleneckSection(Section):
+    variant: Literal["houlsby", "pfeiffer", "parallel"] = Field("pfeiffer", description="placement: houlsby (after "
+        "attention and feed-forward), pfeiffer (after feed-forward), parallel (beside the feed-forward)")
+    reduction_factor: int = Field(16, gt=0, description="bottleneck size = hidden size / reduction_factor")
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="between the two projections")
+    scaling: float | None = Field(None, description="output scale (default 1; 4 for parallel)")
+    train_layer_norms: bool = Field(False, description="also train the LayerNorms")
+
+    def library_config(self, run_info: dict):
+        from ..methods.bottleneck import BottleneckConfig
+
+        return BottleneckConfig(**self.model_dump())
+
+
+class BitFitSection(Section):
+    def library_config(self, run_info: dict):
+        from ..methods.bitfit import BitFitConfig
+
+        return BitFitConfig()
 
 
 class HeadSection(Section):
-    pass
+    cache_features: bool = Field(False, description="compute the frozen body's pooled features once, train the head on them")
+
+    def library_config(self, run_info: dict):
+        from ..methods.head import HeadConfig
+
+        return HeadConfig()
 
 
 class FullSection(Section):
     pass
 
 
-SECTIONS: dict[str, type[Section]] = {"lora": LoraSection, "head": HeadSection, "full": FullSection}
+class DistillSection(Section):
+    teacher: str = Field("base", description="'base' (the same network with adapters disabled) or a run folder")
+    alpha: float = Field(0.5, ge=0, le=1, description="λ in (1-λ)·CE + λ·distillation loss")
+    temperature: float = Field(2.0, gt=0, description="T for logit distillation (the loss is scaled by T²)")
+    mode: Literal["auto", "logits", "hidden"] = Field(
+        "auto", description="auto: logits from a run-folder teacher; hidden states from the base (its head is new)")
+    layers: list[int] | None = Field(None, description="hidden-state indices to match (default: the last)")
+    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="hidden-state distance")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "lora": LoraSection, "dora": DoraSection, "adalora": AdaLoraSection, "bottleneck": BottleneckSection,
+    "bitfit": BitFitSection, "head": HeadSection, "full": FullSection,
+}
 
 
 class RunConfig(BaseModel):
@@ -54,12 +123,17 @@ class RunConfig(BaseModel):
 
     # model and method
     model: str = Field("minilm", description="path of a transformers model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
-    method: str = Field("lora", description="training method: lora, full or head")
+    method: str = Field("lora", description="training method: lora, dora, adalora, bottleneck, bitfit, head or full")
     pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
         "auto", description="features the classifier sees: auto = the model's sentence-transformers pooling if any, else pooler")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (method: lora)")
+    dora: DoraSection = Field(default_factory=DoraSection, description="DoRA settings (method: dora)")
+    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection, description="AdaLoRA settings (method: adalora)")
+    bottleneck: BottleneckSection = Field(default_factory=BottleneckSection, description="bottleneck adapter settings (method: bottleneck)")
+    bitfit: BitFitSection = Field(default_factory=BitFitSection, description="BitFit settings (method: bitfit)")
     head: HeadSection = Field(default_factory=HeadSection, description="head-only settings (method: head)")
     full: FullSection = Field(default_factory=FullSection, description="full fine-tuning settings (method: full)")
+    distill: DistillSection | None = Field(None, description="self-distillation on top of an adapter method (set any distill.* key)")
 
     # data
     train_file: str | None = Field(None, description="training data: .csv, .tsv or .jsonl (default: the built-in demo intents)")
@@ -119,7 +193,19 @@ class RunConfig(BaseModel):
             raise ValueError("early_stopping_patience needs evaluations: set eval_strategy to 'epoch' or 'steps'")
         if self.distributed == "fsdp" and self.method == "full":
             raise ValueError("distributed: fsdp is offered for adapter methods; use ddp for full fine-tuning")
+        if self.distill is not None and self.method == "full":
+            raise ValueError("distill: needs an adapter method (the base-model teacher is the network with adapters off)")
+        if self.distill is not None and self.distill.teacher == "base" and self.distill.mode == "logits":
+            raise ValueError("distill.mode: logits from the base model are meaningless for a new classifier head; "
+                             "use mode hidden (or auto), or a trained run folder as teacher")
         return self
+
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _distill_flag(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @property
     def peak_learning_rate(self) -> float:
@@ -207,9 +293,19 @@ def _check_keys(values: dict, model: type[BaseModel], prefix: str) -> None:
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
             raise ConfigProblem(f"unknown config key {prefix + key!r}{hint} (valid keys: {', '.join(prefix + f for f in fields)})")
-        annotation = fields[key].annotation
-        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            _check_keys(value, annotation, f"{prefix}{key}.")
+        section = _section_model(fields[key].annotation)
+        if isinstance(value, dict) and section is not None:
+            _check_keys(value, section, f"{prefix}{key}.")
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section class of a field typed ``Section`` or ``Section | None``."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _explain(err: ValidationError) -> str:
@@ -229,8 +325,8 @@ def describe() -> str:
     """Every key with its type, default and description (for ``peftkit train --help``)."""
     out = []
     for name, field in RunConfig.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        annotation = _section_model(field.annotation)
+        if annotation is not None:
             out.append(f"  {name}.*  {field.description}")
             for sub, subfield in annotation.model_fields.items():
                 out.append(f"      {name}.{sub} (default {subfield.default!r}): {subfield.description}")

@@ -1,8 +1,10 @@
 """Training methods by name: how ``peftkit train --method NAME`` prepares, saves and reloads a model.
 
-Every adapter method of the library (``peftkit.methods``) is a training method automatically: it is applied with
-``peftkit.adapt`` and saved with ``save_adapter``. ``full`` (plain fine-tuning, the baseline) is the one special
-case, registered here. New methods plug in by registering in either place; nothing here branches on names.
+Every adapter method of the library (``peftkit.methods``) is a training method automatically: its config section
+(``RunConfig.<name>``) builds the library config, ``peftkit.adapt`` applies it and ``save_adapter`` saves it.
+``dora`` is LoRA with ``use_dora``; ``full`` (plain fine-tuning, the baseline) is the one method without an
+adapter; ``head`` trains on the frozen body's pooled features (optionally cached). New methods plug in by
+registering; nothing here branches on method names.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ MODEL_DIR = "model"
 class TrainingMethod:
     name: str
     default_lr: float
-    prepare: Callable[[nn.Module, object], nn.Module]  # (task model, RunConfig) -> model to train
+    prepare: Callable[[nn.Module, object, dict], nn.Module]  # (task model, RunConfig, run info) -> model to train
     save: Callable[[nn.Module, Path], None]  # writes into the run folder
     load: Callable[[nn.Module, Path], nn.Module]  # (fresh task model, run folder) -> trained model
     merged: Callable[[nn.Module], nn.Module]  # trained model -> plain model without adapter wrappers
-    adapter: bool = True  # whether the frozen base can be stored in bf16 (only adapters train)
+    adapter: bool = True  # whether only adapters train (then the frozen base can be stored in bf16)
+    # (model, batch, example keys, config, store) -> logits; None: the model's own forward
+    logits: Callable | None = None
 
 
 _METHODS: dict[str, TrainingMethod] = {}
-DEFAULT_LR = {"lora": 5e-4, "head": 1e-3}
+DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "bottleneck": 1e-3, "bitfit": 1e-3, "head": 1e-3}
 
 
 def register(method: TrainingMethod) -> None:
@@ -53,7 +57,7 @@ def get(name: str) -> TrainingMethod:
 def _register_adapter_methods() -> None:
     from ..methods import available_methods
 
-    for name in available_methods():
+    for name in [*available_methods(), "dora"]:
         if name not in _METHODS:
             register(_adapter_method(name))
 
@@ -61,11 +65,8 @@ def _register_adapter_methods() -> None:
 def _adapter_method(name: str) -> TrainingMethod:
     import peftkit
 
-    def prepare(model: nn.Module, config) -> nn.Module:
-        section = getattr(config, name, None)
-        library = section.library_config() if hasattr(section, "library_config") else \
-            peftkit.get_method(name).config_cls(**(section.model_dump() if section is not None else {}))
-        return peftkit.adapt(model, library)
+    def prepare(model: nn.Module, config, run_info: dict) -> nn.Module:
+        return peftkit.adapt(model, getattr(config, name).library_config(run_info))
 
     return TrainingMethod(
         name=name,
@@ -74,11 +75,51 @@ def _adapter_method(name: str) -> TrainingMethod:
         save=lambda model, run: model.save_adapter(run / ADAPTER_DIR),
         load=lambda model, run: peftkit.load_adapter(model, run / ADAPTER_DIR),
         merged=lambda model: model.merge_and_unload(),
+        logits=_head_logits if name == "head" else None,
     )
 
 
+# ------------------------------------------------------------------------------------------- head-only
+def feature_split(task: nn.Module):
+    """(features(batch), classify(features)) of a classifier whose head reads pooled features."""
+    from ..heads import PooledForSequenceClassification
+
+    if isinstance(task, PooledForSequenceClassification):
+        return (lambda batch: task.features(**batch)), (lambda feats: task.classify(feats).logits)
+    body = getattr(task, "base_model", None)
+    if body is not None and body is not task and hasattr(task, "classifier") and hasattr(task, "dropout"):
+        def features(batch):
+            out = body(**batch)
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError("cache_features needs pooled features: use pooling cls or mean")
+            return out.pooler_output
+
+        return features, (lambda feats: task.classifier(task.dropout(feats)))
+    raise ValueError(f"head-only training cannot split {type(task).__name__} into body and head; use pooling cls or mean")
+
+
+def _head_logits(model: nn.Module, batch: dict, keys: list, config, store: dict) -> torch.Tensor:
+    """The frozen body runs in eval mode under no_grad (its features cached across epochs if asked); only the
+    head sees gradients. Eval mode makes the features deterministic, so caching them changes nothing."""
+    task = getattr(model, "base_model", model)
+    features, classify = feature_split(task)
+    cache = config.head.cache_features
+    if cache and keys and all(key in store for key in keys):
+        feats = torch.stack([store[key] for key in keys])
+    else:
+        was_training = task.training
+        task.eval()
+        with torch.no_grad():
+            feats = features(batch)
+        task.train(was_training)
+        if cache:
+            for key, row in zip(keys, feats):
+                store[key] = row.detach().clone()
+    return classify(feats)
+
+
 # ---------------------------------------------------------------------------------------------- full
-def _full_prepare(model: nn.Module, config) -> nn.Module:
+def _full_prepare(model: nn.Module, config, run_info: dict) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(True)
     return model

@@ -83,7 +83,8 @@ def load_datasets(config: RunConfig) -> Datasets:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True) -> nn.Module:
+def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True,
+                run_info: dict | None = None) -> nn.Module:
     from ..heads import build_classifier
 
     names = dict(enumerate(labels.names))
@@ -92,7 +93,7 @@ def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare:
     if not prepare:
         return model
     method = get_method(config.method)
-    model = method.prepare(model, config)
+    model = method.prepare(model, config, run_info or {})
     if config.bf16 and method.adapter:
         model.cast_frozen(torch.bfloat16)
     if config.fast:
@@ -158,14 +159,20 @@ class Trainer:
                          for name in ("train", "dev", "test")}
         self.targets = {name: datasets.labels.ids(getattr(datasets, name), name) for name in ("train", "dev", "test")}
         self.method = get_method(config.method)
-        self.model = build_model(config, model_path, datasets.labels)
+        self.batches_per_epoch = math.ceil(len(datasets.train) / (config.batch_size * self.env.world))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        self.model = build_model(config, model_path, datasets.labels, run_info={"total_steps": self.total_steps})
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.wrapped = dist.wrap(self.model, self.env, config.distributed)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.peak_learning_rate, weight_decay=config.weight_decay)
-        self.batches_per_epoch = math.ceil(len(datasets.train) / (config.batch_size * self.env.world))
-        steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        self.method_store: dict = {}  # e.g. cached features of head-only training
+        self.distiller = None
+        if config.distill is not None:
+            from .distill import Distiller
+
+            self.distiller = Distiller(config.distill, self.model, datasets.labels)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.total_steps))
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
         if self.resume:
@@ -248,10 +255,20 @@ class Trainer:
         labels = torch.tensor([self.targets["train"][i] for i in mine])
         context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
         with context, self._autocast():
-            logits = self.wrapped(**batch).logits
-            losses = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-        # ∑ over my examples / global batch size, times world (DDP averages gradients over processes)
-        (losses * self.env.world / (len(indices) * accumulation)).backward()
+            if self.method.logits is not None:
+                logits = self.method.logits(self.wrapped, batch, [("train", i) for i in mine], self.config, self.method_store)
+                losses = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            elif self.distiller is not None:
+                out = self.wrapped(**batch, output_hidden_states=self.distiller.needs_hidden)
+                losses = self.distiller.loss_sum(out, batch, labels)
+            else:
+                losses = nn.functional.cross_entropy(self.wrapped(**batch).logits.float(), labels, reduction="sum")
+            # ∑ over my examples / global batch size, times world (DDP averages gradients over processes)
+            loss = losses * self.env.world / (len(indices) * accumulation)
+            extra = self.model.regularization() if hasattr(self.model, "regularization") else None
+            if extra is not None:  # e.g. AdaLoRA's orthogonality penalty, once per optimizer step
+                loss = loss + extra / accumulation
+        loss.backward()
         return dist.sum_scalar(losses.detach(), self.env)
 
     def _optimizer_step(self) -> float:
@@ -261,6 +278,8 @@ class Trainer:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
         norm = float(dist.full(norm))
         self.optimizer.step()
+        if hasattr(self.model, "after_optimizer_step"):  # e.g. AdaLoRA's rank budget (needs the gradients)
+            self.model.after_optimizer_step(self.state["step"])
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -354,11 +373,21 @@ class Trainer:
             tensors = {f"param.{n}": p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
         rng_tensors, rng_plain = C.rng_state()
+        method_plain = {}
+        for name, state in self._method_states():
+            method_tensors, method_plain[name] = state.state_dict()
+            tensors.update({f"method.{name}.{key}": value for key, value in method_tensors.items()})
         state = dict(self.state, optimizer=opt_plain, scheduler=self.scheduler.state_dict(), rng=rng_plain,
-                     world=self.env.world)
+                     world=self.env.world, methods=method_plain)
         state["scheduler"].pop("lr_lambdas", None)
         C.save(self.run_dir / "checkpoints", self.state["step"], {**tensors, **opt_tensors, **rng_tensors}, state,
                keep=self.config.keep_checkpoints)
+
+    def _method_states(self):
+        """(adapter name, resumable method state) pairs, e.g. AdaLoRA's rank allocator."""
+        for name, record in getattr(self.model, "adapters", {}).items():
+            if hasattr(record.injection.state, "state_dict"):
+                yield name, record.injection.state
 
     def _restore(self) -> None:
         found = C.complete(self.run_dir / "checkpoints")
@@ -374,6 +403,11 @@ class Trainer:
         scheduler_state = state.pop("scheduler")
         self.scheduler.load_state_dict({**scheduler_state, "lr_lambdas": [None]})
         C.restore_rng(tensors, state.pop("rng"))
+        method_plain = state.pop("methods", {})
+        for name, method_state in self._method_states():
+            prefix = f"method.{name}."
+            method_state.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                         method_plain.get(name, {}))
         state.pop("world", None)
         self.state.update(state)
         self._say(f"resumed from {found[-1].name} (step {self.state['step']}, epoch {self.state['epoch']})")
@@ -382,6 +416,7 @@ class Trainer:
     def _finish(self) -> dict:
         config = self.config
         best_dir = self.run_dir / "best"
+        share = _trainable(self.model)  # of the model as trained (the reloaded one below is frozen)
         if self.sharded:  # under FSDP the final weights are the result (reloading the best would need a re-shard)
             self._save_model(best_dir)
         elif self.env.main and best_dir.exists():
@@ -390,7 +425,6 @@ class Trainer:
         results = {split: self.evaluate(split) for split in ("dev", "test")
                    if getattr(self.datasets, split) and (self.env.main or self.sharded)}
         if self.env.main:
-            share = _trainable(self.model)
             report = {"method": config.method, "model": config.model, "labels": self.datasets.labels.names,
                       "trainable_parameters": share[0], "total_parameters": share[1], "trainable_share": share[2],
                       "steps": self.state["step"], "best_step": self.state["best_step"],
@@ -401,19 +435,10 @@ class Trainer:
         return report
 
     def _load_best(self, best_dir: Path) -> None:
-        from .methods import ADAPTER_DIR, MODEL_DIR
-
-        files = list((best_dir / ADAPTER_DIR).rglob("*.safetensors")) + list((best_dir / MODEL_DIR).rglob("*.safetensors"))
-        if not files:
-            return
-        # reload the best weights into the live model through the method's own loader (strict)
+        """Evaluate what was saved: the best artifact reloaded into a fresh base model through the method's own
+        (strict) loader, exactly as ``peftkit eval`` will see it."""
         fresh = build_model(self.config, resolve_model(self.config.model), self.datasets.labels, prepare=False)
-        loaded = self.method.load(fresh, best_dir)
-        state = {n: p for n, p in loaded.named_parameters()}
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if param.requires_grad and name in state:
-                    param.copy_(state[name].to(param.dtype))
+        self.model = self.method.load(fresh, best_dir).eval()
 
     def _write_outputs(self, report: dict) -> None:
         run = self.run_dir

@@ -1,0 +1,71 @@
+"""BitFit (Ben Zaken et al. 2022): only bias terms train. Here each adapter holds its own bias *change* δb.
+
+y = M(x) + δb (along the output features; the channel dimension for Conv2d). Training δb from zero is the same as
+training b itself, but kept apart it gives BitFit what adapters have: it can be disabled, deleted, stacked,
+served beside other adapters from one base model, and merged (b ← b + δb).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, LayerRegistry
+
+BITFIT_LAYERS = LayerRegistry("BitFit")
+
+
+class BiasDelta(AdapterLayer):
+    adapter_containers = ("bias_delta",)
+    channel_dim = -1
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if getattr(base_layer, "bias", None) is None:
+            raise ValueError(f"{type(base_layer).__name__} has no bias to tune")
+        super().__init__(base_layer)
+        self.bias_delta = nn.ParameterDict()
+
+    def add_adapter(self, name: str) -> None:
+        bias = self.base_layer.bias
+        dtype = bias.dtype if bias.dtype in (torch.float32, torch.float64) else torch.float32
+        self.bias_delta[name] = nn.Parameter(torch.zeros(bias.shape, device=bias.device, dtype=dtype))
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"bias_delta": self.bias_delta[name]}
+
+    def _shaped(self, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return delta
+        return delta.view(-1, *([1] * (out.dim() - 2)))
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self._unmerged_active():
+            out = out + self._shaped(self.bias_delta[name], out).to(out.dtype)
+        return out
+
+    # merging acts on the bias, not the weight
+    def _merge_one(self, name: str, safe: bool) -> None:
+        bias = self.base_layer.bias
+        new = bias.detach().float() + self.bias_delta[name].detach().float()
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter {name!r} would put non-finite values into the bias; nothing was changed")
+        with torch.no_grad():
+            bias.copy_(new.to(bias.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        bias = self.base_layer.bias
+        with torch.no_grad():
+            bias.copy_((bias.detach().float() - self.bias_delta[name].detach().float()).to(bias.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return torch.zeros_like(self.base_layer.weight, dtype=torch.float32)  # the weight never changes
+
+
+class ConvBiasDelta(BiasDelta):
+    channel_dim = 1
+
+
+for kind in (nn.Linear, nn.LayerNorm, "transformers.pytorch_utils.Conv1D"):
+    BITFIT_LAYERS.register(kind, BiasDelta)
+BITFIT_LAYERS.register(nn.Conv2d, ConvBiasDelta)
