@@ -17,7 +17,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[demo,train,test]"
+	$(PIP) install -e ".[demo,train,serve,test]"
 	touch $@
 
 install: $(VENV)/.base

@@ -5,6 +5,7 @@
     peftkit predict --run DIR (--data FILE [--out FILE] | --text "..." [--text_pair "..."])
     peftkit merge --run DIR --out DIR
     peftkit info DIR
+    peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
 
 Bad input (a config key, a data file, a run folder) is reported with what is wrong and exits with status 2.
 """
@@ -98,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--run", required=True)
     merge.add_argument("--out", required=True)
     merge.set_defaults(handler=_merge)
+
+    serve = commands.add_parser("serve", help="serve many adapters from one base model over HTTP")
+    serve.add_argument("--base", required=True, help="the base model folder, or 'minilm'")
+    serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--pooling", default="auto", choices=["auto", "pooler", "cls", "mean"])
+    serve.add_argument("--max_batch_size", type=int, default=32, help="rows per forward pass")
+    serve.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request may wait for others")
+    serve.add_argument("--max_length", type=int, default=128)
+    serve.add_argument("--threads", type=int, default=None)
+    serve.set_defaults(handler=_serve)
 
     info = commands.add_parser("info", help="what a run folder holds")
     info.add_argument("run")
@@ -197,6 +210,19 @@ def _merge(args, rest) -> int:
 
     out = Run(args.run).merge(args.out)
     print(f"merged model written to {out}")
+    return 0
+
+
+def _serve(args, rest) -> int:
+    from .serve.app import serve
+    from .serve.model import BadAdapterRequest
+
+    try:
+        serve(args.base, args.adapters, args.host, args.port, args.pooling, args.max_batch_size, args.max_wait_ms,
+              args.max_length, args.threads)
+    except BadAdapterRequest as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

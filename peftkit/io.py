@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .layers.base import AdapterLayer
+from .layers.base import AdapterLayer, logical_path
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -35,10 +35,31 @@ def adapter_state(base_model: nn.Module, adapter_name: str, trained_base_params:
     for path, module in base_model.named_modules():
         if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
             for suffix, tensor in module.adapter_tensors(adapter_name).items():
-                state[f"{PREFIX}{path}.{suffix}"] = tensor
+                state[f"{PREFIX}{logical_path(path)}.{suffix}"] = tensor
     for name in trained_base_params:
         state[PREFIX + name] = base_model.get_parameter(name)
     return state
+
+
+def base_fingerprint(base_model: nn.Module) -> str:
+    """A short hash of the frozen base model: every parameter's name and shape, and samples of the values of
+    a few of them. Task heads (which a new task initialises at random) and adapter parameters are left out."""
+    import hashlib
+
+    from .layers.modules_to_save import ModulesToSave
+    from .methods.common import HEAD_NAMES
+
+    skip = {id(p) for m in base_model.modules() if isinstance(m, ModulesToSave) for p in m.parameters()}
+    adapter = {id(t) for m in base_model.modules() if isinstance(m, AdapterLayer)
+               for n in m.adapter_names for t in m.adapter_tensors(n).values()}
+    params = [(n.replace(".base_layer", ""), p) for n, p in base_model.named_parameters()
+              if id(p) not in skip and id(p) not in adapter and n.split(".")[0] not in HEAD_NAMES]
+    digest = hashlib.sha256()
+    for name, param in params:
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    for _, param in params[:: max(1, len(params) // 16)]:
+        digest.update(param.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -142,7 +163,7 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``found`` into ``expected`` only if keys and shapes agree exactly; otherwise raise, touching nothing."""
-    found = _with_prefix(found, source)
+    found = with_prefix(found, source)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -166,7 +187,7 @@ def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
             param.copy_(found[key].to(dtype=param.dtype, device=param.device))
 
 
-def _with_prefix(found: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def with_prefix(found: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Accept keys written without PEFT's ``base_model.model.`` prefix, but never a mix of both forms."""
     prefixed = [k for k in found if k.startswith(PREFIX)]
     if len(prefixed) == len(found):

@@ -27,6 +27,8 @@ from .methods.common import set_submodule
 from .version import __version__
 
 #: names used for parameters and sub-modules inside adapter layers; an adapter may not be called like them
+BASE = "base"  # in a mixed batch: the plain base model
+
 RESERVED_NAMES = frozenset({
     "base", "base_layer", "base_model", "lora", "lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B",
     "lora_magnitude_vector", "lora_dropout", "modules_to_save", "original_module", "weight", "bias",
@@ -76,7 +78,12 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's forward. ``adapter_names`` (one per row of the batch; ``"base"`` for none) runs a mixed
+        batch: every row through its own adapter, in one forward (inference only)."""
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names):
+                return self.base_model(*args, **kwargs)
         output = self.base_model(*args, **kwargs)
         if self.training and getattr(output, "loss", None) is not None:
             extra = self.regularization()  # as PEFT does for AdaLoRA: only when the model computed a loss
@@ -238,21 +245,38 @@ class AdaptedModel(nn.Module):
             if export is not None:
                 tensors = export(tensors, record.injection)
             config = record.method.file_config(self.base_model, record.config, record.injection)
-            io.write_adapter(directory, tensors, config, {"peftkit_version": __version__, "adapter_name": name})
+            metadata = {"peftkit_version": __version__, "adapter_name": name,
+                        "base_fingerprint": io.base_fingerprint(self.base_model)}
+            io.write_adapter(directory, tensors, config, metadata)
 
-    def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False) -> None:
-        """Add an adapter from a folder (strict: any key or shape difference is an error and nothing stays)."""
+    def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False,
+                     resize_heads: bool = False, check_base: bool = False) -> None:
+        """Add an adapter from a folder (strict: any key or shape difference is an error and nothing stays).
+
+        ``resize_heads``: a saved Linear task head with another number of outputs (labels) than the base model's
+        head gets its own head of that size, so that one base can serve tasks with different label sets.
+        ``check_base``: refuse an adapter whose recorded base-model fingerprint (peftkit files record one) differs
+        from this model's."""
         _check_adapter_name(adapter_name, self.adapters)
         directory = io.find_adapter_dir(path, adapter_name)
         source = str(directory)
         values = io.read_config(directory)
-        tensors, _ = io.read_tensors(directory)
+        tensors, metadata = io.read_tensors(directory)
+        if check_base and metadata.get("base_fingerprint"):
+            mine = io.base_fingerprint(self.base_model)
+            if metadata["base_fingerprint"] != mine:
+                raise io.AdapterFileError(
+                    f"{source}: this adapter was saved from another base model (base fingerprint "
+                    f"{metadata['base_fingerprint']}, this model {mine}): same architecture or not, its weights differ"
+                )
         method = method_for_peft_type(values["peft_type"], source)
         config = method.config_from_file(values, source)
         was_active = list(self._active)
         try:
             self.add_adapter(config, adapter_name, trainable=trainable)
             record = self.adapters[adapter_name]
+            if resize_heads:
+                self._resize_heads(adapter_name, io.with_prefix(tensors, source))
             expected = io.adapter_state(self.base_model, adapter_name, record.injection.trained_base_params)
             io.check_and_copy(expected, tensors, source)
         except Exception:
@@ -265,6 +289,19 @@ class AdaptedModel(nn.Module):
                 self._remove_everywhere(adapter_name)
             raise
 
+    def _resize_heads(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        for path, layer in self.adapter_layers():
+            if not isinstance(layer, ModulesToSave) or adapter_name not in layer.modules_to_save:
+                continue
+            head = layer.modules_to_save[adapter_name]
+            saved = tensors.get(f"{io.PREFIX}{path}.weight")
+            if isinstance(head, nn.Linear) and saved is not None and saved.dim() == 2 \
+                    and saved.shape[1] == head.in_features and saved.shape[0] != head.out_features:
+                resized = nn.Linear(head.in_features, saved.shape[0], bias=head.bias is not None,
+                                    device=head.weight.device, dtype=head.weight.dtype)
+                resized.requires_grad_(head.weight.requires_grad)
+                layer.modules_to_save[adapter_name] = resized
+
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Undo a partial injection: drop the adapter from every layer and unwrap layers left empty."""
         for _, layer in self.adapter_layers():
@@ -276,6 +313,36 @@ class AdaptedModel(nn.Module):
         for path, layer in reversed(list(self.adapter_layers())):
             if not layer.adapter_names:
                 set_submodule(self.base_model, path, layer.unwrapped(merged=False))
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator["AdaptedModel"]:
+        """Route row i of every forward inside the block through adapter ``adapter_names[i]``."""
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE and n not in self.adapters})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; adapters: {list(self.adapters) or 'none'} (or 'base')")
+        if self.training:
+            raise RuntimeError("mixed-adapter batches are for inference: call .eval() first")
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge() before running mixed batches")
+        wanted = set(names) - {BASE}
+        layers = [layer for _, layer in self.adapter_layers()]
+        for path, layer in self.adapter_layers():
+            if wanted & set(layer.adapter_names) and not layer.supports_mixed:
+                raise NotImplementedError(
+                    f"{type(layer).__name__} at {path!r} cannot apply different adapters to different rows; run those "
+                    "adapters one batch at a time (set_adapter)"
+                )
+            if any(hasattr(layer, "is_dora") and layer.is_dora(n) for n in wanted & set(layer.adapter_names)):
+                raise NotImplementedError(f"DoRA adapters cannot be mixed in one batch ({path!r}); run them one at a time")
+        row_names = tuple(None if n == BASE else n for n in names)
+        for layer in layers:
+            layer.row_adapters = row_names
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     # ----------------------------------------------------------------------------------- training hooks
     def _training_records(self):
@@ -401,12 +468,13 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
 
 
 def load_adapter(
-    model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False
+    model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False,
+    resize_heads: bool = False,
 ) -> AdaptedModel:
     """Load an adapter folder (peftkit's or Hugging Face PEFT's) into a model or an ``AdaptedModel``."""
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     try:
-        adapted.load_adapter(path, adapter_name, trainable=trainable)
+        adapted.load_adapter(path, adapter_name, trainable=trainable, resize_heads=resize_heads)
     except Exception:
         if adapted is not model:
             adapted.unload()

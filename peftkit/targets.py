@@ -46,7 +46,7 @@ def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     for name, child in model.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, AdapterLayer):
-            yield path, child.base_layer
+            yield path, child.inner
             continue
         yield path, child
         yield from base_modules(child, prefix=f"{path}.")

@@ -231,3 +231,21 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         model.save_adapter(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == good  # the previous save is intact
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+
+
+def test_base_fingerprint_detects_another_base(tmp_path):
+    base = tiny_bert()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    before = io.base_fingerprint(base)
+    model = peftkit.adapt(base, peftkit.LoraConfig(r=2, target_modules=["query"]))
+    assert io.base_fingerprint(model.base_model) == before  # adapters and the task head do not count
+    randomize(model)
+    model.save_adapter(tmp_path)
+    same = tiny_bert(seed=8)
+    same.load_state_dict(state)
+    with torch.no_grad():
+        same.classifier.weight.normal_()  # another random head: still the same base
+    peftkit.AdaptedModel(same).load_adapter(tmp_path, check_base=True)
+    other = tiny_bert(seed=9)  # same architecture, other weights
+    with pytest.raises(AdapterFileError, match="saved from another base model"):
+        peftkit.AdaptedModel(other).load_adapter(tmp_path, check_base=True)

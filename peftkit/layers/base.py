@@ -25,6 +25,8 @@ class AdapterLayer(nn.Module):
     adapter_containers: tuple[str, ...] = ()
     #: whether the adapter can be folded into the base weights
     mergeable: bool = True
+    #: whether one forward can apply a different adapter to each row of the batch (``mixed_forward``)
+    supports_mixed: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -32,6 +34,17 @@ class AdapterLayer(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
         self.merged_adapters: list[str] = []
+        self.row_adapters: tuple[str | None, ...] | None = None  # set for the duration of a mixed-batch call
+        self._stack_cache: tuple | None = None
+
+    @property
+    def inner(self) -> nn.Module:
+        """The original module, below any other adapter layers this one wraps (adapters of different methods
+        on one module nest: e.g. BitFit's bias change around a LoRA layer)."""
+        module = self.base_layer
+        while isinstance(module, AdapterLayer):
+            module = module.base_layer
+        return module
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -48,6 +61,26 @@ class AdapterLayer(nn.Module):
         if self.disabled:
             return ()
         return tuple(n for n in self.active_adapters if n not in self.merged_adapters)
+
+    # ---------------------------------------------------------------------------------- mixed batches
+    def row_slots(self, device: torch.device) -> torch.Tensor:
+        """For each row of a mixed batch: 0 (no adapter of this layer: the base) or 1 + the adapter's index."""
+        names = self.adapter_names
+        return torch.tensor([names.index(n) + 1 if n in names else 0 for n in self.row_adapters], device=device)
+
+    def check_rows(self, batch: int) -> None:
+        if len(self.row_adapters) != batch:
+            raise ValueError(f"adapter_names has {len(self.row_adapters)} entries for a batch of {batch} rows")
+
+    def stacked(self, build) -> tuple:
+        """Per-adapter tensors stacked along a new first dim (slot 0: zeros), cached while nothing changes."""
+        names = tuple(self.adapter_names)
+        versions = tuple(t._version for n in names for t in self.adapter_tensors(n).values())
+        key = (names, versions)
+        if self._stack_cache is None or self._stack_cache[0] != key:
+            with torch.no_grad():
+                self._stack_cache = (key, build(names))
+        return self._stack_cache[1]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_tensors(name).values())
@@ -146,6 +179,22 @@ class LayerRegistry:
 
     def supported(self) -> list[str]:
         return [name.rsplit(".", 1)[-1] for name in self._by_name]
+
+
+def find_layer(module: nn.Module, kind: type) -> "AdapterLayer | None":
+    """The adapter layer of type ``kind`` in a nest of adapter layers starting at ``module`` (or None)."""
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, kind):
+            return module
+        module = module.base_layer
+    return None
+
+
+def logical_path(path: str) -> str:
+    """A nested adapter layer's path (``x.base_layer``) as the path of the module it adapts (``x``)."""
+    while path.endswith(".base_layer"):
+        path = path[: -len(".base_layer")]
+    return path
 
 
 def _qualname(klass: type) -> str:

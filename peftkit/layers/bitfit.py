@@ -18,6 +18,7 @@ BITFIT_LAYERS = LayerRegistry("BitFit")
 class BiasDelta(AdapterLayer):
     adapter_containers = ("bias_delta",)
     channel_dim = -1
+    supports_mixed = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         if getattr(base_layer, "bias", None) is None:
@@ -40,6 +41,15 @@ class BiasDelta(AdapterLayer):
 
     def forward(self, x, *args, **kwargs):
         out = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            self.check_rows(out.shape[0])
+            if self.disabled:
+                return out
+            deltas = self.stacked(lambda names: torch.stack([torch.zeros_like(self.base_layer.bias, dtype=torch.float32)]
+                                                             + [self.bias_delta[n].float() for n in names]))
+            per_row = deltas[self.row_slots(out.device)].to(out.dtype)  # (batch, channels)
+            shape = (out.shape[0],) + ((1,) * (out.dim() - 2) + (-1,) if self.channel_dim == -1 else (-1,) + (1,) * (out.dim() - 2))
+            return out + per_row.view(shape)
         for name in self._unmerged_active():
             out = out + self._shaped(self.bias_delta[name], out).to(out.dtype)
         return out

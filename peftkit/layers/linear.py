@@ -28,13 +28,14 @@ class LoraLinear(LoraLayer):
     adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
     container_types = {"lora_magnitude_vector": nn.ParameterDict}
     supports_dora = True
+    supports_mixed = True
     initializers = {"default": kaiming_A_zero_B, "gaussian": gaussian_A_zero_B}
     siblings: SiblingGroup | None = None
     weight_is_in_out = False  # GPT-2's Conv1D stores (in, out)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.in_features, self.out_features = self.features_of(base_layer)
+        self.in_features, self.out_features = self.features_of(self.inner)
         self._pristine: torch.Tensor | None = None  # the unmerged weight, kept while a DoRA adapter is merged
 
     @staticmethod
@@ -42,7 +43,7 @@ class LoraLinear(LoraLayer):
         return base_layer.in_features, base_layer.out_features
 
     def is_plain_base(self) -> bool:
-        return type(self.base_layer) is nn.Linear
+        return type(self.base_layer) is nn.Linear  # not a subclass, not another adapter layer
 
     def _create_factors(self, name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -124,6 +125,8 @@ class LoraLinear(LoraLayer):
         return active[0] if x.is_floating_point() else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self.mixed_forward(x, *args, **kwargs)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -151,6 +154,36 @@ class LoraLinear(LoraLayer):
             keep, scale = dropout_keep(x, p)
             h = lora_down(x, keep, scale, A)
         return base_up(x, weight, bias, h, B, A, keep, scaling, scale, self.weight_is_in_out)
+
+    # ------------------------------------------------------------------------------------ mixed batches
+    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A of every adapter (n+1, r_max, in) and s·B (n+1, out, r_max); slot 0 and padding are zeros."""
+        r_max = max((self.r[n] for n in names), default=1)
+        dtype = self.lora_A[names[0]].weight.dtype if names else torch.float32
+        A_all = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=dtype)
+        B_all = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=dtype)
+        for slot, name in enumerate(names, start=1):
+            r = self.r[name]
+            A_all[slot, :r] = self.lora_A[name].weight
+            B_all[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        device = self.base_layer.weight.device
+        return A_all.to(device), B_all.to(device)
+
+    def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Row i of the batch gets adapter ``row_adapters[i]``: the A's and B's of the rows are gathered and
+        applied with one batched matmul each (as Punica / S-LoRA do), not a loop over adapters."""
+        self.check_rows(x.shape[0])
+        result = self.base_layer(x, *args, **kwargs)
+        slots = self.row_slots(x.device)
+        if self.disabled or not bool(slots.any()):
+            return result
+        A_all, B_all = self.stacked(self._stack)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        A = A_all.to(x.dtype)[slots]  # (batch, r, in)
+        h = torch.bmm(rows, A.transpose(1, 2))  # (batch, tokens, r)
+        out = result.reshape(result.shape[0], -1, result.shape[-1])
+        out = torch.baddbmm(out, h, B_all.to(x.dtype)[slots].transpose(1, 2).to(out.dtype))
+        return out.view(result.shape)
 
     def _needs_grad(self, name: str, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (

@@ -36,7 +36,35 @@ class ModulesToSave(AdapterLayer):
         return self.base_layer
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None:
+            return self.mixed_forward(*args, **kwargs)
         return self._selected()(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------ mixed batches
+    @property
+    def supports_mixed(self) -> bool:  # linear heads only (their label counts may differ)
+        return isinstance(self.base_layer, nn.Linear) and all(isinstance(m, nn.Linear) for m in self.modules_to_save.values())
+
+    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = [self.base_layer] + [self.modules_to_save[n] for n in names]
+        width = max(h.out_features for h in heads)
+        weight = torch.zeros(len(heads), width, self.base_layer.in_features, dtype=heads[-1].weight.dtype)
+        bias = torch.zeros(len(heads), width, dtype=weight.dtype)
+        for slot, head in enumerate(heads):
+            weight[slot, : head.out_features] = head.weight
+            if head.bias is not None:
+                bias[slot, : head.out_features] = head.bias
+        device = self.base_layer.weight.device
+        return weight.to(device), bias.to(device)
+
+    def mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row through its own adapter's head; rows are padded to the widest head (extra logits are 0)."""
+        self.check_rows(x.shape[0])
+        weight, bias = self.stacked(self._stack)
+        slots = self.row_slots(x.device) if not self.disabled else torch.zeros(x.shape[0], dtype=torch.long)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.baddbmm(bias[slots].unsqueeze(1).to(x.dtype), rows, weight[slots].transpose(1, 2).to(x.dtype))
+        return out.view(*x.shape[:-1], weight.shape[1])
 
     # nothing to fold into weights: the copy simply replaces the original when unloading with merge
     def merge(self, names: Iterable[str], safe: bool = False) -> None:

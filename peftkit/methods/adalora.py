@@ -17,7 +17,8 @@ from torch import nn
 
 from .. import layers  # noqa: F401
 from ..config import AdapterConfig, ConfigError, require
-from ..layers.adalora import ADALORA_LAYERS, SVDLinear
+from ..layers.adalora import ADALORA_LAYERS, SVDConv1D, SVDLinear
+from ..layers.base import find_layer
 from ..targets import Selection, TargetSpec, compact, select
 from . import Injection, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
@@ -230,7 +231,7 @@ class AdaLoraMethod:
         return out
 
     def file_config(self, model: nn.Module, config: AdaLoraConfig, injection: Injection) -> dict[str, Any]:
-        conv1d = any(type(model.get_submodule(t)).__name__ == "SVDConv1D" for t in injection.targets)
+        conv1d = any(find_layer(model.get_submodule(t), SVDConv1D) is not None for t in injection.targets)
         return {
             "peft_type": self.peft_type, "task_type": injection.task_type,
             "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,

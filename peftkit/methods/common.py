@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ..layers.base import AdapterLayer, LayerRegistry
+from ..layers.base import AdapterLayer, LayerRegistry, find_layer
 from ..layers.modules_to_save import ModulesToSave
 from ..targets import TargetError, _close_matches, base_modules, matches
 
@@ -41,15 +41,14 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def wrap(model: nn.Module, path: str, registry: LayerRegistry) -> AdapterLayer:
     """The adapter layer at ``path``: the existing wrapper, or a new one around the module found there."""
     current = model.get_submodule(path)
-    if isinstance(current, AdapterLayer):
-        wanted = registry.lookup(current.base_layer)
-        if type(current) is not wanted:
-            raise TypeError(
-                f"module {path!r} already holds a {type(current).__name__} adapter; "
-                f"a {registry.method} adapter cannot be stacked on it (exclude it with exclude_modules)"
-            )
-        return current
-    layer_cls = registry.lookup(current)
+    inner = current.inner if isinstance(current, AdapterLayer) else current
+    layer_cls = registry.lookup(inner)
+    if isinstance(current, AdapterLayer) and layer_cls is not None:
+        existing = find_layer(current, layer_cls)
+        if existing is not None:
+            return existing
+        if isinstance(current, ModulesToSave):
+            raise TypeError(f"module {path!r} is trained whole (modules_to_save); a {registry.method} adapter cannot wrap it")
     if layer_cls is None:
         raise TargetError(
             f"module {path!r} is a {type(current).__name__}, which {registry.method} cannot wrap; "
@@ -94,7 +93,9 @@ def bias_parameters(model: nn.Module, targets: Sequence[str], mode: str) -> list
     if mode == "none":
         return []
     if mode == "lora_only":
-        return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None) is not None]
+        names = {id(p): n for n, p in model.named_parameters()}
+        biases = [getattr(model.get_submodule(t).inner, "bias", None) for t in targets]
+        return [names[id(b)] for b in biases if b is not None]
     names = []
     for path, module in _modules_outside_wrappers(model):
         if isinstance(module, ModulesToSave):

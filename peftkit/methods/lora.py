@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import layers  # noqa: F401  (registers the LoRA layer types)
 from ..config import AdapterConfig, require
-from ..layers.base import AdapterLayer
+from ..layers.base import AdapterLayer, find_layer
 from ..layers.linear import LoraConv1D, LoraLinear
 from ..layers.lora import LORA_LAYERS
 from ..layers.siblings import group_siblings
@@ -147,7 +147,7 @@ class LoraMethod:
 
     # -------------------------------------------------------------------------------------------- files
     def file_config(self, model: nn.Module, config: LoraConfig, injection: Injection) -> dict[str, Any]:
-        conv1d = any(type(model.get_submodule(t)).__name__ == "LoraConv1D" for t in injection.targets)
+        conv1d = any(find_layer(model.get_submodule(t), LoraConv1D) is not None for t in injection.targets)
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         return {
             "peft_type": self.peft_type,

@@ -1,0 +1,1 @@
+"""``peftkit serve``: one base model in memory, many adapters, one mixed batch per forward."""

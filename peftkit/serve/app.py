@@ -1,0 +1,191 @@
+"""The HTTP API of ``peftkit serve`` (FastAPI). OpenAPI schema at ``/openapi.json``.
+
+    POST   /v1/classify          {"adapter": name, "texts": [...]} or {"adapter": name, "pairs": [[a, b], ...]}
+    GET    /v1/adapters          name, method, labels, trainable share of every adapter
+    POST   /v1/adapters          {"name": ..., "path": ...}   load an adapter folder (inside the adapter directory)
+    DELETE /v1/adapters/{name}   unload it
+    GET    /health               liveness
+    GET    /metrics              Prometheus text format
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field, model_validator
+
+from .batcher import Batcher
+from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, ServedModel
+
+
+class Limits(BaseModel):
+    max_texts: int = 256
+    max_chars: int = 10_000
+
+
+class ClassifyRequest(BaseModel):
+    adapter: str = Field(description="adapter name, or 'base' for the plain base model")
+    texts: list[str] | None = Field(None, description="texts to classify")
+    pairs: list[tuple[str, str]] | None = Field(None, description="sentence pairs to classify")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ClassifyRequest":
+        if (self.texts is None) == (self.pairs is None):
+            raise ValueError("give exactly one of 'texts' or 'pairs'")
+        return self
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str
+    predictions: list[Prediction]
+
+
+class LoadRequest(BaseModel):
+    name: str
+    path: str = Field(description="folder of the adapter, relative to (or inside) the server's adapter directory")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("peftkit_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("peftkit_errors", "requests answered with an error", ["endpoint"], registry=self.registry)
+        self.latency = Histogram("peftkit_request_seconds", "time from request to response", ["endpoint"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+        self.batch_rows = Histogram("peftkit_batch_rows", "rows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                    registry=self.registry)
+        self.classified = Counter("peftkit_texts_classified", "texts classified", ["adapter"], registry=self.registry)
+        self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=self.registry)
+
+
+def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+               limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    metrics = Metrics()
+    metrics.adapters.set(len(served.adapters))
+    batcher_box: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher_box["batcher"] = Batcher(served.classify, max_batch_size, max_wait_ms, metrics.batch_rows.observe)
+        yield
+        batcher_box["batcher"].close()
+
+    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan,
+                  description="One base model, many adapters; each request picks its adapter.")
+
+    def error(status: int, message: str, endpoint: str) -> JSONResponse:
+        metrics.errors.labels(endpoint).inc()
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse(status_code=status, content={"error": message})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return error(422, f"invalid request: {problems}", request.url.path)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse)
+    async def classify(body: ClassifyRequest):
+        started = time.perf_counter()
+        endpoint = "/v1/classify"
+        items = body.texts if body.texts is not None else body.pairs
+        if not items:
+            return error(422, "nothing to classify: the list is empty", endpoint)
+        if len(items) > limits.max_texts:
+            return error(413, f"{len(items)} texts in one request; the limit is {limits.max_texts}", endpoint)
+        for i, item in enumerate(items):
+            for text in ([item] if isinstance(item, str) else item):
+                if len(text) > limits.max_chars:
+                    return error(413, f"text {i} has {len(text)} characters; the limit is {limits.max_chars}", endpoint)
+                if not text.strip():
+                    return error(422, f"text {i} is empty", endpoint)
+        try:
+            labels = served.labels_of(body.adapter)
+        except AdapterNotFound as err:
+            return error(404, str(err.args[0]), endpoint)
+        except BadAdapterRequest as err:
+            return error(400, str(err), endpoint)
+        rows = [(body.adapter, t, None) if isinstance(t, str) else (body.adapter, t[0], t[1]) for t in items]
+        probabilities = await batcher_box["batcher"].submit(rows)
+        missing = next((p for p in probabilities if isinstance(p, Exception)), None)
+        if missing is not None:  # the adapter was unloaded while the request waited
+            return error(404, str(missing.args[0]), endpoint)
+        predictions = []
+        for probs in probabilities:
+            best = int(probs.argmax())
+            predictions.append(Prediction(label=labels[best], probability=round(float(probs[best]), 6),
+                                          probabilities={l: round(float(p), 6) for l, p in zip(labels, probs)}))
+        metrics.classified.labels(body.adapter).inc(len(rows))
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return ClassifyResponse(adapter=body.adapter, predictions=predictions)
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        metrics.requests.labels("/v1/adapters", "200").inc()
+        return {"base": {"labels": served.base_labels, "pooling": served.pooling},
+                "adapters": [info.public() for info in served.adapters.values()]}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(body: LoadRequest):
+        endpoint = "/v1/adapters"
+        try:
+            info = served.load(body.name, body.path)
+        except AdapterNotFound as err:
+            return error(404, str(err.args[0]), endpoint)
+        except AdapterConflict as err:
+            return error(409, str(err), endpoint)
+        except BadAdapterRequest as err:
+            return error(400, str(err), endpoint)
+        metrics.adapters.set(len(served.adapters))
+        metrics.requests.labels(endpoint, "201").inc()
+        return info.public()
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        endpoint = "/v1/adapters"
+        try:
+            served.unload(name)
+        except AdapterNotFound as err:
+            return error(404, str(err.args[0]), endpoint)
+        metrics.adapters.set(len(served.adapters))
+        metrics.requests.labels(endpoint, "200").inc()
+        return {"unloaded": name}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "adapters": len(served.adapters)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, pooling: str = "auto",
+          max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None) -> None:
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+    served = ServedModel(base, adapters, pooling=pooling, max_length=max_length)
+    for folder, problem in served.discover():
+        print(f"skipped adapter folder {folder!r}: {problem}", flush=True)
+    print(f"serving {len(served.adapters)} adapter(s) on http://{host}:{port} (pooling {served.pooling})", flush=True)
+    uvicorn.run(create_app(served, max_batch_size, max_wait_ms), host=host, port=port, log_level="warning")

@@ -1,0 +1,102 @@
+"""One forward, a different adapter per row: rows equal each adapter run alone; misuse is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import peftkit
+
+from conftest import MLP, randomize, run, tiny_bert, tiny_gpt2
+
+
+def three_adapters(build, **kw):
+    base = build()
+    model = peftkit.adapt(copy.deepcopy(base), peftkit.LoraConfig(r=4, target_modules="all-linear", **kw), "a")
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, alpha=6, target_modules=["query", "value"] if build is tiny_bert else ["c_attn"]), "b")
+    if build is tiny_bert:  # BitFit on the LayerNorms (the Linear layers already hold LoRA)
+        peftkit.adapt(model, peftkit.BitFitConfig(target_modules=["LayerNorm"]), "c")
+    for seed, name in enumerate(model.adapters):
+        randomize(model, name, seed=seed, scale=0.2)
+    return base, model.eval()
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2])
+def test_rows_equal_each_adapter_alone(build):
+    base, model = three_adapters(build)
+    names = list(model.adapters) + ["base"]
+    ids = torch.randint(0, 100, (len(names) * 2, 9))
+    rows = names * 2
+    with torch.no_grad():
+        mixed = run(model, {"input_ids": ids, "adapter_names": rows})
+        for i, name in enumerate(rows):
+            if name == "base":
+                alone = run(base, {"input_ids": ids[i:i + 1]})
+            else:
+                model.set_adapter(name)
+                alone = run(model, {"input_ids": ids[i:i + 1]})
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_with_different_label_counts(tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    def config(labels):
+        return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37, num_labels=labels)
+
+    for labels, name in ((3, "three"), (5, "five")):
+        model = peftkit.adapt(AutoModelForSequenceClassification.from_config(config(labels)),
+                              peftkit.LoraConfig(r=4, target_modules=["query", "value"]))
+        randomize(model, scale=0.2)
+        model.save_adapter(tmp_path / name)
+    torch.manual_seed(1)
+    base = AutoModelForSequenceClassification.from_config(config(2))
+    torch.manual_seed(0)
+    reference = AutoModelForSequenceClassification.from_config(config(2)).state_dict()
+    base.load_state_dict(reference)  # the same body weights the adapters were trained on
+    served = peftkit.AdaptedModel(base)
+    for name in ("three", "five"):
+        served.load_adapter(tmp_path / name, name, resize_heads=True)
+    served.eval()
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        mixed = served(input_ids=ids, adapter_names=["three", "five"]).logits
+        served.set_adapter("three")
+        three = served(input_ids=ids[:1]).logits
+        served.set_adapter("five")
+        five = served(input_ids=ids[1:]).logits
+    assert mixed.shape == (2, 5) and three.shape == (1, 3)
+    torch.testing.assert_close(mixed[0, :3], three[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], five[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(peftkit.AdapterFileError, match="different shapes"):  # without resize_heads: strict
+        peftkit.load_adapter(AutoModelForSequenceClassification.from_config(config(2)), tmp_path / "three")
+
+
+def test_misuse_is_refused():
+    base, model = three_adapters(tiny_bert)
+    ids = torch.randint(0, 100, (2, 5))
+    with pytest.raises(KeyError, match=r"unknown adapter\(s\) \['nope'\]"):
+        model(input_ids=ids, adapter_names=["a", "nope"])
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        model(input_ids=torch.randint(0, 100, (3, 5)), adapter_names=["a", "b"])
+    model.train()
+    with pytest.raises(RuntimeError, match="inference"):
+        model(input_ids=ids, adapter_names=["a", "b"])
+    model.eval()
+    model.set_adapter("a")
+    model.merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        model(input_ids=ids, adapter_names=["a", "b"])
+    model.unmerge()
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, use_dora=True, target_modules=["key"]), "dora")
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        model(input_ids=ids, adapter_names=["dora", "a"])
+    assert all(layer.row_adapters is None for _, layer in model.adapter_layers())  # cleaned up after errors
+    other = peftkit.adapt(tiny_bert(), peftkit.LoraConfig(target_modules=["query"]), "a")
+    peftkit.adapt(other, peftkit.BottleneckConfig(), "bottle")
+    with pytest.raises(NotImplementedError, match="cannot apply different adapters"):
+        other.eval()(input_ids=ids, adapter_names=["bottle", "a"])
