@@ -199,3 +199,4 @@ def logical_path(path: str) -> str:
 
 def _qualname(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
+

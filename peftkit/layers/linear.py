@@ -156,18 +156,19 @@ class LoraLinear(LoraLayer):
         return base_up(x, weight, bias, h, B, A, keep, scaling, scale, self.weight_is_in_out)
 
     # ------------------------------------------------------------------------------------ mixed batches
-    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A of every adapter (n+1, r_max, in) and s·B (n+1, out, r_max); slot 0 and padding are zeros."""
+    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, int]:
+        """One row per adapter slot holding its A (r_max, in) and (s·B)ᵀ (r_max, out), flattened side by side so
+        that one lookup gathers both. Slot 0 (no adapter) and the padding of smaller ranks are zeros."""
         r_max = max((self.r[n] for n in names), default=1)
         dtype = self.lora_A[names[0]].weight.dtype if names else torch.float32
         A_all = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=dtype)
-        B_all = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=dtype)
+        Bt_all = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=dtype)
         for slot, name in enumerate(names, start=1):
             r = self.r[name]
             A_all[slot, :r] = self.lora_A[name].weight
-            B_all[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
-        device = self.base_layer.weight.device
-        return A_all.to(device), B_all.to(device)
+            Bt_all[slot, :r] = (self.lora_B[name].weight * self.scaling[name]).t()
+        both = torch.cat([A_all.flatten(1), Bt_all.flatten(1)], dim=1)
+        return both.to(self.base_layer.weight.device), r_max
 
     def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Row i of the batch gets adapter ``row_adapters[i]``: the A's and B's of the rows are gathered and
@@ -177,13 +178,18 @@ class LoraLinear(LoraLayer):
         slots = self.row_slots(x.device)
         if self.disabled or not bool(slots.any()):
             return result
-        A_all, B_all = self.stacked(self._stack)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        A = A_all.to(x.dtype)[slots]  # (batch, r, in)
-        h = torch.bmm(rows, A.transpose(1, 2))  # (batch, tokens, r)
-        out = result.reshape(result.shape[0], -1, result.shape[-1])
-        out = torch.baddbmm(out, h, B_all.to(x.dtype)[slots].transpose(1, 2).to(out.dtype))
-        return out.view(result.shape)
+        both, r = self.stacked(self._stack)
+        rows = torch.nn.functional.embedding(slots, both)  # (batch, in·r + r·out): one gather for A and B
+        split = self.in_features * r
+        A = rows[:, :split].view(-1, r, self.in_features).to(x.dtype)
+        Bt = rows[:, split:].view(-1, r, self.out_features).to(result.dtype)
+        # A·xᵀ (batch, r, tokens) runs several times faster on CPU than x·Aᵀ for a small rank
+        h = torch.bmm(A, x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)).transpose(1, 2)  # (batch, tokens, r)
+        out = result.view(result.shape[0], -1, result.shape[-1])
+        if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad):
+            return torch.baddbmm(out, h, Bt).view(result.shape)
+        out.baddbmm_(h, Bt)  # in place: no second pass over the output
+        return result
 
     def _needs_grad(self, name: str, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (

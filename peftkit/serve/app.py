@@ -182,6 +182,9 @@ def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, p
     import torch
     import uvicorn
 
+    from ..ops.memory import keep_freed_memory
+
+    keep_freed_memory()  # a long-lived process: reuse freed activation memory instead of faulting it in again
     if threads:
         torch.set_num_threads(threads)
     served = ServedModel(base, adapters, pooling=pooling, max_length=max_length)
