@@ -57,8 +57,12 @@ def base_fingerprint(base_model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in params:
         digest.update(f"{name}:{tuple(param.shape)};".encode())
-    for _, param in params[:: max(1, len(params) // 16)]:
-        digest.update(param.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    for name, param in params[:: max(1, len(params) // 16)]:
+        if not type(param.data) is torch.Tensor and hasattr(param, "full_tensor"):
+            raise RuntimeError(f"{name} is sharded (FSDP): take the base fingerprint before sharding the model")
+        # hashed at bf16 precision, so that a base cast to bf16 (cast_frozen) keeps its fingerprint
+        sample = param.detach().reshape(-1)[:1024].to(torch.bfloat16).float()
+        digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -67,6 +67,11 @@ class AdaptedModel(nn.Module):
         self.adapters: dict[str, AdapterRecord] = {}
         self._active: tuple[str, ...] = ()
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        # taken once, before any training: base parameters that a method trains in place must not change it
+        try:
+            self.base_fingerprint: str | None = io.base_fingerprint(model)
+        except (RuntimeError, NotImplementedError):  # meta or sharded parameters: no fingerprint to record
+            self.base_fingerprint = None
         for param in model.parameters():
             param.requires_grad_(False)
 
@@ -245,8 +250,9 @@ class AdaptedModel(nn.Module):
             if export is not None:
                 tensors = export(tensors, record.injection)
             config = record.method.file_config(self.base_model, record.config, record.injection)
-            metadata = {"peftkit_version": __version__, "adapter_name": name,
-                        "base_fingerprint": io.base_fingerprint(self.base_model)}
+            metadata = {"peftkit_version": __version__, "adapter_name": name}
+            if self.base_fingerprint:
+                metadata["base_fingerprint"] = self.base_fingerprint
             io.write_adapter(directory, tensors, config, metadata)
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False,
@@ -262,8 +268,8 @@ class AdaptedModel(nn.Module):
         source = str(directory)
         values = io.read_config(directory)
         tensors, metadata = io.read_tensors(directory)
-        if check_base and metadata.get("base_fingerprint"):
-            mine = io.base_fingerprint(self.base_model)
+        if check_base and metadata.get("base_fingerprint") and self.base_fingerprint:
+            mine = self.base_fingerprint
             if metadata["base_fingerprint"] != mine:
                 raise io.AdapterFileError(
                     f"{source}: this adapter was saved from another base model (base fingerprint "

@@ -249,3 +249,19 @@ def test_base_fingerprint_detects_another_base(tmp_path):
     other = tiny_bert(seed=9)  # same architecture, other weights
     with pytest.raises(AdapterFileError, match="saved from another base model"):
         peftkit.AdaptedModel(other).load_adapter(tmp_path, check_base=True)
+
+
+def test_base_fingerprint_survives_bf16_cast_and_in_place_training(tmp_path):
+    base = tiny_bert()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peftkit.adapt(base, peftkit.BottleneckConfig(variant="houlsby", reduction_factor=4, train_layer_norms=True))
+    model.cast_frozen(torch.bfloat16)  # a bf16 base, as `bf16: true` training uses
+    randomize(model)
+    with torch.no_grad():  # LayerNorms trained in place
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name and param.requires_grad:
+                param.add_(0.5)
+    model.save_adapter(tmp_path)
+    fresh = tiny_bert(seed=8)
+    fresh.load_state_dict(state)
+    peftkit.AdaptedModel(fresh).load_adapter(tmp_path, check_base=True)  # the fp32 base it was trained from
