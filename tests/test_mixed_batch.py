@@ -100,3 +100,18 @@ def test_misuse_is_refused():
     peftkit.adapt(other, peftkit.BottleneckConfig(), "bottle")
     with pytest.raises(NotImplementedError, match="cannot apply different adapters"):
         other.eval()(input_ids=ids, adapter_names=["bottle", "a"])
+
+
+def test_a_batch_of_one_adapter_takes_the_usual_path_with_the_same_result():
+    base, model = three_adapters(tiny_bert)
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        for name in ["a", "b", "base"]:
+            mixed = run(model, {"input_ids": ids, "adapter_names": [name] * 3})
+            if name == "base":
+                alone = run(base, {"input_ids": ids})
+            else:
+                model.set_adapter(name)
+                alone = run(model, {"input_ids": ids})
+            torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+            assert (mixed - run(base, {"input_ids": ids})).abs().max() > 1e-3 or name == "base"
