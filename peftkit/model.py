@@ -332,8 +332,11 @@ class AdaptedModel(nn.Module):
         if self.merged_adapters:
             raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge() before running mixed batches")
         wanted = set(names) - {BASE}
-        layers = [layer for _, layer in self.adapter_layers()]
-        for path, layer in self.adapter_layers():
+        key = tuple(self.adapters)  # walking the module tree costs more than a mixed forward's LoRA math
+        if getattr(self, "_mixed_layers", (None,))[0] != key:
+            self._mixed_layers = (key, list(self.adapter_layers()))
+        layers = [layer for _, layer in self._mixed_layers[1]]
+        for path, layer in self._mixed_layers[1]:
             if wanted & set(layer.adapter_names) and not layer.supports_mixed:
                 raise NotImplementedError(
                     f"{type(layer).__name__} at {path!r} cannot apply different adapters to different rows; run those "

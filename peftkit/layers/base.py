@@ -36,6 +36,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.row_adapters: tuple[str | None, ...] | None = None  # set for the duration of a mixed-batch call
         self._stack_cache: tuple | None = None
+        self._slots_cache: tuple | None = None
 
     @property
     def inner(self) -> nn.Module:
@@ -66,21 +67,28 @@ class AdapterLayer(nn.Module):
     def row_slots(self, device: torch.device) -> torch.Tensor:
         """For each row of a mixed batch: 0 (no adapter of this layer: the base) or 1 + the adapter's index."""
         names = self.adapter_names
-        return torch.tensor([names.index(n) + 1 if n in names else 0 for n in self.row_adapters], device=device)
+        key = (self.row_adapters, tuple(names), device)
+        if self._slots_cache is None or self._slots_cache[0] != key:  # the same for every forward of a batch
+            slot = {name: i for i, name in enumerate(names, start=1)}
+            self._slots_cache = (key, torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=device))
+        return self._slots_cache[1]
 
     def check_rows(self, batch: int) -> None:
         if len(self.row_adapters) != batch:
             raise ValueError(f"adapter_names has {len(self.row_adapters)} entries for a batch of {batch} rows")
 
     def stacked(self, build) -> tuple:
-        """Per-adapter tensors stacked along a new first dim (slot 0: zeros), cached while nothing changes."""
+        """Per-adapter tensors stacked along a new first dim (slot 0: zeros), cached while nothing changes: the
+        same adapters, and no in-place change (``_version``) of their tensors since the stack was built."""
         names = tuple(self.adapter_names)
-        versions = tuple(t._version for n in names for t in self.adapter_tensors(n).values())
-        key = (names, versions)
-        if self._stack_cache is None or self._stack_cache[0] != key:
-            with torch.no_grad():
-                self._stack_cache = (key, build(names))
-        return self._stack_cache[1]
+        cache = self._stack_cache
+        if cache is not None and cache[0] == names and all(t._version == v for t, v in zip(cache[1], cache[2])):
+            return cache[3]
+        tensors = [t for n in names for t in self.adapter_tensors(n).values()]
+        with torch.no_grad():
+            value = build(names)
+        self._stack_cache = (names, tensors, [t._version for t in tensors], value)
+        return value
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_tensors(name).values())
