@@ -322,7 +322,8 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator["AdaptedModel"]:
-        """Route row i of every forward inside the block through adapter ``adapter_names[i]``."""
+        """Route row i of every forward inside the block through adapter ``adapter_names[i]``. A batch whose rows
+        all name one adapter runs the ordinary single-adapter path (any method, fused kernels included)."""
         names = list(adapter_names)
         unknown = sorted({n for n in names if n != BASE and n not in self.adapters})
         if unknown:
@@ -331,11 +332,22 @@ class AdaptedModel(nn.Module):
             raise RuntimeError("mixed-adapter batches are for inference: call .eval() first")
         if self.merged_adapters:
             raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge() before running mixed batches")
-        wanted = set(names) - {BASE}
         key = tuple(self.adapters)  # walking the module tree costs more than a mixed forward's LoRA math
         if getattr(self, "_mixed_layers", (None,))[0] != key:
             self._mixed_layers = (key, list(self.adapter_layers()))
         layers = [layer for _, layer in self._mixed_layers[1]]
+        if len(set(names)) == 1:
+            only = names[0]
+            saved = [(layer, layer.active_adapters) for layer in layers]
+            for layer in layers:
+                layer.set_active([] if only == BASE else [only])
+            try:
+                yield self
+            finally:
+                for layer, active in saved:
+                    layer.active_adapters = active
+            return
+        wanted = set(names) - {BASE}
         for path, layer in self._mixed_layers[1]:
             if wanted & set(layer.adapter_names) and not layer.supports_mixed:
                 raise NotImplementedError(

@@ -115,3 +115,21 @@ def test_a_batch_of_one_adapter_takes_the_usual_path_with_the_same_result():
                 alone = run(model, {"input_ids": ids})
             torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
             assert (mixed - run(base, {"input_ids": ids})).abs().max() > 1e-3 or name == "base"
+    assert model.active_adapters == ["b"]  # the block restores the active adapter
+
+
+def test_a_batch_of_one_dora_adapter_runs_although_dora_cannot_be_mixed():
+    base = tiny_bert()
+    model = peftkit.adapt(copy.deepcopy(base), peftkit.LoraConfig(r=4, target_modules="all-linear", use_dora=True), "d")
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules="all-linear"), "l")
+    for seed, name in enumerate(model.adapters):
+        randomize(model, name, seed=seed, scale=0.2)
+    model.eval()
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        model.set_adapter("d")
+        alone = run(model, {"input_ids": ids})
+        model.set_adapter("l")
+        torch.testing.assert_close(run(model, {"input_ids": ids, "adapter_names": ["d"] * 3}), alone, atol=1e-5, rtol=1e-5)
+        with pytest.raises(NotImplementedError, match="DoRA"):
+            run(model, {"input_ids": ids, "adapter_names": ["d", "l", "d"]})

@@ -117,9 +117,9 @@ class LoraLinear(LoraLayer):
         self._pristine = None
         self.merged_adapters = []
 
-    def fused_adapter(self, x: torch.Tensor, active: tuple[str, ...] | None = None) -> str | None:
+    def fused_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through the fused kernels, or None when the plain formula must be used."""
-        active = self._unmerged_active() if active is None else active
+        active = self._unmerged_active()
         if len(active) != 1 or self.is_dora(active[0]) or not self.is_plain_base() or self.base_layer.weight.requires_grad:
             return None
         return active[0] if x.is_floating_point() else None
@@ -127,12 +127,10 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
             return self.mixed_forward(x, *args, **kwargs)
-        return self._forward_with(self._unmerged_active(), x, *args, **kwargs)
-
-    def _forward_with(self, active: tuple[str, ...], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        name = self.fused_adapter(x, active)
+        name = self.fused_adapter(x)
         if name is None or (not self._needs_grad(name, x) and self._thin_is_cheaper(x)):
             return self._plain_forward(x, active, *args, **kwargs)
         # one compute dtype for everything: autocast's if it is on, else the input's; fp32 master weights of
@@ -176,9 +174,6 @@ class LoraLinear(LoraLayer):
         """Row i of the batch gets adapter ``row_adapters[i]``: the A's and B's of the rows are gathered and
         applied with one batched matmul each (as Punica / S-LoRA do), not a loop over adapters."""
         self.check_rows(x.shape[0])
-        if not self.disabled and len(set(self.row_adapters)) == 1:  # one adapter for every row: the usual path
-            only = self.row_adapters[0]
-            return self._forward_with((only,) if only in self.adapter_names else (), x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         slots = self.row_slots(x.device)
         if self.disabled or not bool(slots.any()):
