@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .fingerprint import base_fingerprint  # noqa: F401  (re-exported: peftkit.serve imports it from here)
 from .layers.base import AdapterLayer, logical_path
 
 PREFIX = "base_model.model."
@@ -39,31 +40,6 @@ def adapter_state(base_model: nn.Module, adapter_name: str, trained_base_params:
     for name in trained_base_params:
         state[PREFIX + name] = base_model.get_parameter(name)
     return state
-
-
-def base_fingerprint(base_model: nn.Module) -> str:
-    """A short hash of the frozen base model: every parameter's name and shape, and samples of the values of
-    a few of them. Task heads (which a new task initialises at random) and adapter parameters are left out."""
-    import hashlib
-
-    from .layers.modules_to_save import ModulesToSave
-    from .methods.common import HEAD_NAMES
-
-    skip = {id(p) for m in base_model.modules() if isinstance(m, ModulesToSave) for p in m.parameters()}
-    adapter = {id(t) for m in base_model.modules() if isinstance(m, AdapterLayer)
-               for n in m.adapter_names for t in m.adapter_tensors(n).values()}
-    params = [(n.replace(".base_layer", ""), p) for n, p in base_model.named_parameters()
-              if id(p) not in skip and id(p) not in adapter and n.split(".")[0] not in HEAD_NAMES]
-    digest = hashlib.sha256()
-    for name, param in params:
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
-    for name, param in params[:: max(1, len(params) // 16)]:
-        if not type(param.data) is torch.Tensor and hasattr(param, "full_tensor"):
-            raise RuntimeError(f"{name} is sharded (FSDP): take the base fingerprint before sharding the model")
-        # hashed at bf16 precision, so that a base cast to bf16 (cast_frozen) keeps its fingerprint
-        sample = param.detach().reshape(-1)[:1024].to(torch.bfloat16).float()
-        digest.update(sample.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import io
+from . import fingerprint, io
 from .config import AdapterConfig
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSave
@@ -69,7 +69,7 @@ class AdaptedModel(nn.Module):
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         # taken once, before any training: base parameters that a method trains in place must not change it
         try:
-            self.base_fingerprint: str | None = io.base_fingerprint(model)
+            self.base_fingerprint: str | None = fingerprint.base_fingerprint(model)
         except (RuntimeError, NotImplementedError):  # meta or sharded parameters: no fingerprint to record
             self.base_fingerprint = None
         for param in model.parameters():
@@ -268,9 +268,13 @@ class AdaptedModel(nn.Module):
         source = str(directory)
         values = io.read_config(directory)
         tensors, metadata = io.read_tensors(directory)
-        if check_base and metadata.get("base_fingerprint") and self.base_fingerprint:
+        recorded = metadata.get("base_fingerprint")
+        if check_base and recorded and self.base_fingerprint:
             mine = self.base_fingerprint
-            if metadata["base_fingerprint"] != mine:
+            if not fingerprint.comparable(recorded):
+                warnings.warn(f"{source}: its base fingerprint was recorded by an older peftkit and cannot be compared "
+                              "with this model's; the base model is not checked", stacklevel=2)
+            elif recorded != mine:
                 raise io.AdapterFileError(
                     f"{source}: this adapter was saved from another base model (base fingerprint "
                     f"{metadata['base_fingerprint']}, this model {mine}): same architecture or not, its weights differ"
