@@ -22,6 +22,7 @@ from . import fingerprint, io
 from .config import AdapterConfig
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSave
+from .merging import MergePlan
 from .methods import Injection, Method, method_for_config, method_for_peft_type
 from .methods.common import set_submodule
 from .version import __version__
@@ -182,45 +183,35 @@ class AdaptedModel(nn.Module):
     def merge(self, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights; forward then costs nothing extra.
 
-        ``safe=True`` first computes every merged weight on a copy and refuses (changing nothing) if any value
-        is not finite.
+        One transaction: every layer's new values are computed and checked first, then all are written; a refusal
+        (an adapter that cannot be merged, a weight tied to another module, or with ``safe=True`` a non-finite
+        value) changes nothing. ``merge_and_unload`` unties tied weights instead of refusing.
         """
+        self._merge(adapter_names, safe, untie=False)
+
+    def _merge(self, adapter_names: Sequence[str] | None, safe: bool, untie: bool) -> None:
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         for name in names:
             self._require(name)
         already = [n for n in names if n in self.merged_adapters]
         if already:
-            warnings.warn(f"adapter(s) {already} already merged; merging again changes nothing", stacklevel=2)
+            warnings.warn(f"adapter(s) {already} already merged; merging again changes nothing", stacklevel=3)
         names = [n for n in names if n not in already]
-        layers = [(path, layer) for path, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
-        tied = _tied_parameters(self.base_model)
-        for path, layer in layers:
-            if not layer.mergeable:
-                raise NotImplementedError(f"{type(layer).__name__} at {path!r} cannot be merged into the base weights")
-            weight = getattr(layer.base_layer, "weight", None)
-            if weight is not None and len(tied.get(id(weight), ())) > 1:
-                raise ValueError(
-                    f"the weight of {path!r} is shared with {[n for n in tied[id(weight)] if not n.startswith(path + '.')]} "
-                    "(tied embeddings): merging would change those modules too. Keep this adapter unmerged, "
-                    "or untie the weights first"
-                )
-        if safe:
-            for path, layer in layers:
-                for name in names:
-                    if name in layer.adapter_names and not _merge_is_finite(layer, name):
-                        raise ValueError(
-                            f"merging adapter {name!r} would put non-finite values into {path!r}; nothing was changed"
-                        )
-        for _, layer in layers:
-            layer.merge([n for n in names if n in layer.adapter_names])
+        layers = [(path, layer, [n for n in names if n in layer.adapter_names])
+                  for path, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
+        MergePlan(self.base_model, layers, safe=safe, untie=untie).commit()
 
     def unmerge(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
     def merge_and_unload(self, safe: bool = False) -> nn.Module:
-        """Merge the active adapters and return the plain base model (wrappers removed, trained heads kept)."""
-        self.merge(safe=safe)
+        """Merge the active adapters and return the plain base model (wrappers removed, trained heads kept).
+
+        A weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is untied: the other module keeps the
+        original weight and a transformers config gets ``tie_word_embeddings = False``, so that the merged model,
+        saved and reloaded, computes what the adapted one did."""
+        self._merge(None, safe, untie=True)
         return self._unwrap(merged=True)
 
     def unload(self) -> nn.Module:
@@ -467,17 +458,6 @@ def _check_adapter_name(name: str, existing: Iterable[str]) -> None:
         )
     if name in existing:
         raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
-
-
-def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return names
-
-
-def _merge_is_finite(layer: AdapterLayer, name: str) -> bool:
-    return bool(torch.isfinite(layer.base_layer.weight.detach().float() + layer.delta_weight(name)).all())
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:

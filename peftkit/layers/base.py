@@ -8,7 +8,8 @@ weights. Each concrete layer (LoRA on Linear, on Embedding, ...) adds its parame
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -123,29 +124,38 @@ class AdapterLayer(nn.Module):
         """ΔW of adapter ``name`` in fp32, laid out like ``base_layer.weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
 
-    def merge(self, names: Iterable[str], safe: bool = False) -> None:
+    def new_merges(self, names: Iterable[str]) -> list[str]:
+        """The adapters of ``names`` that this layer holds and has not merged yet."""
+        return [n for n in dict.fromkeys(names) if n in self.adapter_names and n not in self.merged_adapters]
+
+    def propose_merge(self, names: Iterable[str], staged: Staged | None = None) -> "MergeProposal":
+        """What merging ``names`` would write into the base tensors, computed but not written (``commit``).
+
+        ``staged``: new values other layers' proposals of the same merge would already have written (by tensor id);
+        a layer starts from those. The default folds ``delta_weight`` into ``base_layer.weight``."""
         if not self.mergeable:
             raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the base weights")
-        for name in names:
-            if name not in self.adapter_names:
-                continue
-            if name in self.merged_adapters:
-                warnings.warn(f"adapter {name!r} is already merged; merging it again changes nothing", stacklevel=3)
-                continue
-            self._merge_one(name, safe)
-            self.merged_adapters.append(name)
+        names = self.new_merges(names)
+        if not names:
+            return MergeProposal(self, [], [])
+        owner = self.inner
+        new = current(owner.weight, staged).float() + sum(self.delta_weight(n) for n in names)
+        return MergeProposal(self, names, [(owner, "weight", new.to(owner.weight.dtype))])
+
+    def merge(self, names: Iterable[str], safe: bool = False) -> None:
+        names = list(names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapter(s) {already} already merged; merging again changes nothing", stacklevel=3)
+        proposal = self.propose_merge(names)
+        if safe and proposal.non_finite():
+            raise ValueError(f"merging {proposal.names} would put non-finite values into {proposal.non_finite()}; "
+                             "nothing was changed")
+        proposal.commit()
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
-
-    def _merge_one(self, name: str, safe: bool) -> None:
-        weight = self.base_layer.weight
-        new = weight.detach().float() + self.delta_weight(name)
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} would put non-finite values into the weights; nothing was changed")
-        with torch.no_grad():
-            weight.copy_(new.to(weight.dtype))
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
@@ -161,6 +171,45 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+Staged = dict[int, torch.Tensor]  # id of a live base tensor -> the value a merge in progress would give it
+
+
+def current(tensor: torch.Tensor, staged: Staged | None) -> torch.Tensor:
+    """The value ``tensor`` has once the proposals staged before this one are written."""
+    value = staged.get(id(tensor)) if staged else None
+    return (tensor if value is None else value).detach()
+
+
+@dataclass
+class MergeProposal:
+    """The new values merging ``names`` into ``layer`` would write; nothing changes until ``commit``.
+
+    ``updates`` holds (module owning the parameter, parameter name, new value in the parameter's dtype): the
+    owner and name, not the tensor, so that a caller may give a tied parameter's other holders their own copy
+    first. ``on_commit`` records what the layer keeps besides (DoRA: the unmerged weight)."""
+
+    layer: AdapterLayer
+    names: list[str]
+    updates: list[tuple[nn.Module, str, torch.Tensor]]
+    on_commit: Callable[[], None] | None = None
+
+    def targets(self) -> list[torch.Tensor]:
+        return [getattr(owner, attr) for owner, attr, _ in self.updates]
+
+    def non_finite(self) -> list[str]:
+        """Names of the parameters that would receive a non-finite value (checked in their own dtype)."""
+        return [f"{type(owner).__name__}.{attr}" for owner, attr, value in self.updates
+                if not bool(torch.isfinite(value).all())]
+
+    def commit(self) -> None:
+        with torch.no_grad():
+            for owner, attr, value in self.updates:
+                getattr(owner, attr).copy_(value)
+        if self.on_commit is not None:
+            self.on_commit()
+        self.layer.merged_adapters.extend(self.names)
 
 
 class LayerRegistry:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterLayer, LayerRegistry
+from .base import AdapterLayer, LayerRegistry, MergeProposal, Staged, current
 
 BITFIT_LAYERS = LayerRegistry("BitFit")
 
@@ -55,21 +55,18 @@ class BiasDelta(AdapterLayer):
         return out
 
     # merging acts on the bias, not the weight
-    def _merge_one(self, name: str, safe: bool) -> None:
-        bias = self.base_layer.bias
-        new = bias.detach().float() + self.bias_delta[name].detach().float()
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} would put non-finite values into the bias; nothing was changed")
-        with torch.no_grad():
-            bias.copy_(new.to(bias.dtype))
+    def propose_merge(self, names, staged: Staged | None = None) -> MergeProposal:
+        names = self.new_merges(names)
+        if not names:
+            return MergeProposal(self, [], [])
+        owner = self.inner
+        new = current(owner.bias, staged).float() + sum(self.bias_delta[n].detach().float() for n in names)
+        return MergeProposal(self, names, [(owner, "bias", new.to(owner.bias.dtype))])
 
     def _unmerge_one(self, name: str) -> None:
         bias = self.base_layer.bias
         with torch.no_grad():
             bias.copy_((bias.detach().float() - self.bias_delta[name].detach().float()).to(bias.dtype))
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return torch.zeros_like(self.base_layer.weight, dtype=torch.float32)  # the weight never changes
 
 
 class ConvBiasDelta(BiasDelta):

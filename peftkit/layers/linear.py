@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..functional import dropout, lora_delta_weight, lora_linear_delta
 from ..ops.lora import base_up, dropout_keep, lora_down, merged_lora_linear
+from .base import MergeProposal, Staged, current
 from .lora import LORA_LAYERS, LoraLayer, gaussian_A_zero_B, kaiming_A_zero_B
 from .siblings import SiblingGroup
 
@@ -78,36 +77,39 @@ class LoraLinear(LoraLayer):
         return name in self.lora_magnitude_vector
 
     # ------------------------------------------------------------------------------------------ merging
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW in fp32 and in the base weight's layout. For DoRA it depends on the unmerged weight W:
+    def delta_weight(self, name: str, original: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW in fp32 and in the base weight's layout. For DoRA it depends on the unmerged weight W (``original``,
+        base layout; default: the kept pristine weight, else the current one):
         ΔW = (m/n − 1) W + (m/n) s·B A, row by row, with n = ‖W + s·B A‖_row."""
         lora = self._lora_matrix(name)
         if self.is_dora(name):
-            original = self.weight_out_in(self._pristine if self._pristine is not None else None).detach().float()
+            if original is None:
+                original = self._pristine
+            original = self.weight_out_in(original).detach().float()
             scale = (self.lora_magnitude_vector[name].detach().float() / self.dora_norm(name, original)).unsqueeze(1)
             lora = (scale - 1) * original + scale * lora
         return lora.T if self.weight_is_in_out else lora
 
-    def merge(self, names, safe: bool = False) -> None:
-        names = [n for n in names if n in self.adapter_names]
+    def propose_merge(self, names, staged: Staged | None = None) -> MergeProposal:
         if not any(self.is_dora(n) for n in self.adapter_names) and self._pristine is None:
-            return super().merge(names, safe)
-        # DoRA deltas depend on the unmerged weight: keep it, and recompose W from it and every merged delta
-        weight = self.base_layer.weight
-        if self._pristine is None:  # plain LoRA deltas may be merged already: take them out (they do not depend on W)
-            original = weight.detach().float() - sum(self.delta_weight(n) for n in self.merged_adapters) \
-                if self.merged_adapters else weight.detach()
-            self._pristine = original.to(weight.dtype).clone()
-        new_names = [n for n in names if n not in self.merged_adapters]
-        if len(new_names) < len(names):
-            warnings.warn("adapter(s) already merged; merging them again changes nothing", stacklevel=3)
-        merged = self.merged_adapters + new_names
-        composed = self._pristine.float() + sum(self.delta_weight(n) for n in merged)
-        if safe and not torch.isfinite(composed).all():
-            raise ValueError(f"merging {new_names} would put non-finite values into the weights; nothing was changed")
-        with torch.no_grad():
-            weight.copy_(composed.to(weight.dtype))
-        self.merged_adapters = merged
+            return super().propose_merge(names, staged)
+        # DoRA deltas depend on the unmerged weight: keep it (from the first merge on) and compose W from it and
+        # every merged delta
+        names = self.new_merges(names)
+        if not names:
+            return MergeProposal(self, [], [])
+        owner = self.inner
+        pristine = self._pristine
+        if pristine is None:  # plain LoRA deltas may be merged already: take them out (they do not depend on W)
+            weight = current(owner.weight, staged)
+            pristine = (weight.float() - sum(self.delta_weight(n) for n in self.merged_adapters)).to(weight.dtype) \
+                if self.merged_adapters else weight.clone()
+        composed = pristine.float() + sum(self.delta_weight(n, pristine) for n in self.merged_adapters + names)
+
+        def keep_pristine() -> None:
+            self._pristine = pristine
+
+        return MergeProposal(self, names, [(owner, "weight", composed.to(owner.weight.dtype))], keep_pristine)
 
     def unmerge(self) -> None:
         if self._pristine is None:

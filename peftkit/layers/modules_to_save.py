@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, MergeProposal, Staged
 
 
 class ModulesToSave(AdapterLayer):
@@ -67,8 +67,8 @@ class ModulesToSave(AdapterLayer):
         return out.view(*x.shape[:-1], weight.shape[1])
 
     # nothing to fold into weights: the copy simply replaces the original when unloading with merge
-    def merge(self, names: Iterable[str], safe: bool = False) -> None:
-        pass
+    def propose_merge(self, names: Iterable[str], staged: Staged | None = None) -> MergeProposal:
+        return MergeProposal(self, [], [])
 
     def unmerge(self) -> None:
         pass
