@@ -4,11 +4,12 @@ It hashes every parameter's name and shape and *every value*, rounded to bf16. W
 the frozen base to bf16 for training, and the fingerprint of that cast model must equal the fp32 original's;
 rounding fp32 -> bf16 is deterministic (round to nearest even), so both hash the same bytes.
 
-What bf16 rounding can hide: a change of a value smaller than half a bf16 step (2^-9 of its magnitude) leaves
-it in the same bf16 bucket unless it crosses a rounding boundary. One Adam step moves every trained value by
-about the learning rate (2e-5 at lr 2e-5), which crosses a boundary with probability ~ 2e-5 / step; for weights
-of magnitude ~0.02 the step is 2^-13 (1.2e-4), i.e. about one value in six, and with thousands of values per
-tensor a fine-tuned variant changes the hash with certainty for any practical purpose.
+What bf16 rounding can hide: a value that moves by less than a bf16 step keeps its bf16 pattern unless it crosses
+a rounding boundary, which happens with probability about (its change) / (the bf16 step at its magnitude). One
+Adam step moves every trained value by about the learning rate (2e-5); for a weight of magnitude ~0.02 the bf16
+step is 2^-13 (1.2e-4), so about one value in six changes its pattern per step, and near zero (biases, small
+weights) nearly all do. A fine-tuned variant changes thousands of values, so it cannot keep the fingerprint; only
+a change of a handful of values by much less than a bf16 step could go unnoticed.
 """
 
 from __future__ import annotations
