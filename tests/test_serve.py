@@ -178,8 +178,9 @@ def test_a_bad_text_fails_only_its_own_request(server):
 
 def test_a_short_load_run_loses_nothing(server):
     client = server["client"]
-    bodies = [{"adapter": "intents", "texts": [f"text {i}"]}, {"adapter": "sentiment", "pairs": [[f"text {i}", "yes"]]},
-              {"adapter": "tuned_bias", "texts": [f"text {i}"]}]
+    bodies = [lambda i: {"adapter": "intents", "texts": [f"text {i}"]},
+              lambda i: {"adapter": "sentiment", "pairs": [[f"text {i}", "yes"]]},
+              lambda i: {"adapter": "tuned_bias", "texts": [f"text {i}"]}]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: client.post("/v1/classify", json=bodies[i % 3]), range(120)))
+        responses = list(pool.map(lambda i: client.post("/v1/classify", json=bodies[i % 3](i)), range(120)))
     assert [r.status_code for r in responses].count(200) == 120

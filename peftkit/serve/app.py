@@ -75,6 +75,42 @@ class LoadRequest(BaseModel):
                        max_length=4096)
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read whole: by their declared
+    Content-Length, and by counting the bytes of a body sent without one (chunked)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.app(scope, _refuse, send)  # the endpoint's body read raises BodyTooLarge
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge()  # an HTTPException: FastAPI passes it on to the 413 handler
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _refuse():
+    raise BodyTooLarge()
+
+
 class Metrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -111,8 +147,9 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
         yield
         batcher_box["batcher"].close()
 
-    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan, max_body_size=limits.max_request_bytes,
+    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan,
                   description="One base model, many adapters; each request picks its adapter.")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
 
     def error(status: int, message: str, endpoint: str) -> JSONResponse:
         metrics.errors.labels(endpoint).inc()
@@ -128,7 +165,7 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        if exc.status_code == 413:  # FastAPI's body limit
+        if exc.status_code == 413:  # BodyLimit
             return error(413, f"the request body is larger than {limits.max_request_bytes} bytes (the server's "
                               "--max_request_bytes): send fewer or shorter texts per request", request.url.path)
         return error(exc.status_code, str(exc.detail), request.url.path)
