@@ -22,15 +22,15 @@ LORA_LAYERS = LayerRegistry("lora")
 ALWAYS_ALLOWED_RANK = 256
 
 
-def check_rank(base_layer: nn.Module, r: int) -> None:
+def check_rank(base_layer: nn.Module, r: int, minimum: int = 1) -> None:
     """Refuse a rank the layer cannot use, before anything is allocated (a file's r=10**9 would ask for terabytes)."""
     weight = base_layer.weight  # (out, in...) for Linear/Conv, (in, out) for Conv1D, (num, dim) for Embedding
     dims = (weight.shape[0], math.prod(weight.shape[1:]))
     limit = max(min(dims), ALWAYS_ALLOWED_RANK)
-    if not isinstance(r, int) or r < 1 or r > limit:
+    if not isinstance(r, int) or r < minimum or r > limit:
         raise ValueError(
             f"rank r={r!r} does not fit this {type(base_layer).__name__} layer of shape {tuple(weight.shape)}: the "
-            f"rank must be between 1 and {limit} (min of its dimensions, or up to {ALWAYS_ALLOWED_RANK}); "
+            f"rank must be between {minimum} and {limit} (min of its dimensions, or up to {ALWAYS_ALLOWED_RANK}); "
             "lower r (or its rank_pattern entry)"
         )
 
