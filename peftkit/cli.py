@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request may wait for others")
     serve.add_argument("--max_length", type=int, default=128)
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024,
+                       help="largest request body accepted (larger: HTTP 413)")
     serve.set_defaults(handler=_serve)
 
     info = commands.add_parser("info", help="what a run folder holds")
@@ -219,7 +221,7 @@ def _serve(args, rest) -> int:
 
     try:
         serve(args.base, args.adapters, args.host, args.port, args.pooling, args.max_batch_size, args.max_wait_ms,
-              args.max_length, args.threads)
+              args.max_length, args.threads, args.max_request_bytes)
     except BadAdapterRequest as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

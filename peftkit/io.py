@@ -30,6 +30,10 @@ class AdapterFileError(ValueError):
     """An adapter folder that is missing, unreadable, or does not fit the model."""
 
 
+class AdapterContentError(AdapterFileError):
+    """An adapter file whose values cannot be used: non-float tensors, NaN or infinite weights."""
+
+
 def adapter_state(base_model: nn.Module, adapter_name: str, trained_base_params: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """File key -> live parameter for one adapter (the single source of truth for save and load)."""
     state: dict[str, torch.Tensor] = {}
@@ -162,9 +166,32 @@ def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
             + "\n".join(parts)
             + "\n  (Was it saved for another base model, or is adapter_config.json out of step with the weights?)"
         )
+    check_values({k: found[k] for k, param in expected.items() if param.is_floating_point()}, source)
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(found[key].to(dtype=param.dtype, device=param.device))
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, for weights that are floating point in the model, tensors that a cast would silently turn into
+    floats (integers, booleans) and values that are not finite."""
+    not_float = [f"{k}: {t.dtype}" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise AdapterContentError(
+            f"{source}: adapter weights must be floating point; {len(not_float)} tensor(s) are not "
+            f"({_listed(not_float)}); nothing was loaded. Re-save the adapter from its trained float weights"
+        )
+    broken = [f"{k}: {int((~torch.isfinite(t)).sum())} of {t.numel()} values" for k, t in tensors.items()
+              if not bool(torch.isfinite(t).all())]
+    if broken:
+        raise AdapterContentError(
+            f"{source}: {len(broken)} tensor(s) hold NaN or infinite values ({_listed(broken)}); nothing was loaded. "
+            "The training run probably diverged: retrain with a lower learning rate, or use an earlier checkpoint"
+        )
+
+
+def _listed(items: list[str], shown: int = 8) -> str:
+    return "; ".join(items[:shown]) + (f"; ... and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def with_prefix(found: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

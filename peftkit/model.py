@@ -75,6 +75,7 @@ class AdaptedModel(nn.Module):
             self.base_fingerprint = None
         for param in model.parameters():
             param.requires_grad_(False)
+        self.training = model.training  # adopt the wrapped model's mode (from_pretrained returns eval mode)
 
     def __getattr__(self, name: str):
         try:
@@ -112,11 +113,16 @@ class AdaptedModel(nn.Module):
         _check_adapter_name(adapter_name, self.adapters)
         method = method_for_config(config)
         config = copy.deepcopy(config)
+        before = {id(m) for m in self.base_model.modules()}
         try:
             injection = method.inject(self.base_model, config, adapter_name)
         except Exception:
             self._remove_everywhere(adapter_name)
             raise
+        # new modules are created in training mode; they follow this model's mode (no dropout after .eval())
+        for module in self.base_model.modules():
+            if id(module) not in before:
+                module.training = self.training
         self.adapters[adapter_name] = AdapterRecord(config, method, injection, trainable)
         self.set_adapter(list(self._active) or [adapter_name])
         self._warn_about_unsaved_fresh_weights(adapter_name)
@@ -301,6 +307,7 @@ class AdaptedModel(nn.Module):
                 resized = nn.Linear(head.in_features, saved.shape[0], bias=head.bias is not None,
                                     device=head.weight.device, dtype=head.weight.dtype)
                 resized.requires_grad_(head.weight.requires_grad)
+                resized.train(head.training)
                 layer.modules_to_save[adapter_name] = resized
 
     def _remove_everywhere(self, adapter_name: str) -> None:
@@ -448,7 +455,13 @@ class AdaptedModel(nn.Module):
         return f"adapters={list(self.adapters)}, active={list(self._active)}"
 
 
+#: longest adapter name: names become folder names (save_adapter) and file systems allow 255 bytes
+MAX_NAME_LENGTH = 100
+
+
 def _check_adapter_name(name: str, existing: Iterable[str]) -> None:
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"adapter name {name[:20]!r}... has {len(name)} characters; the limit is {MAX_NAME_LENGTH}")
     if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():
         raise ValueError(f"adapter name {name!r} is not valid: use letters, digits, '_' or '-', without dots")
     if name in RESERVED_NAMES or name.startswith("lora_"):

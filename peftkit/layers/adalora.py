@@ -34,6 +34,9 @@ class SVDLinear(AdapterLayer):
         self.lora_dropout: dict[str, float] = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, ranknum: float) -> None:
+        from .lora import check_rank
+
+        check_rank(self.inner, r, minimum=0)  # AdaLoRA may prune a layer's rank to 0
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         factory = {"device": weight.device, "dtype": dtype}

@@ -17,6 +17,23 @@ from .base import AdapterLayer, LayerRegistry
 
 LORA_LAYERS = LayerRegistry("lora")
 
+#: a rank above min(fan_in, fan_out) adds nothing, but PEFT files use such ranks on small layers (e.g. r=16 on a
+#: 2-label head), so ranks up to this are accepted on any layer
+ALWAYS_ALLOWED_RANK = 256
+
+
+def check_rank(base_layer: nn.Module, r: int, minimum: int = 1) -> None:
+    """Refuse a rank the layer cannot use, before anything is allocated (a file's r=10**9 would ask for terabytes)."""
+    weight = base_layer.weight  # (out, in...) for Linear/Conv, (in, out) for Conv1D, (num, dim) for Embedding
+    dims = (weight.shape[0], math.prod(weight.shape[1:]))
+    limit = max(min(dims), ALWAYS_ALLOWED_RANK)
+    if not isinstance(r, int) or r < minimum or r > limit:
+        raise ValueError(
+            f"rank r={r!r} does not fit this {type(base_layer).__name__} layer of shape {tuple(weight.shape)}: the "
+            f"rank must be between {minimum} and {limit} (min of its dimensions, or up to {ALWAYS_ALLOWED_RANK}); "
+            "lower r (or its rank_pattern entry)"
+        )
+
 
 class LoraLayer(AdapterLayer):
     adapter_containers = ("lora_A", "lora_B")
@@ -46,6 +63,7 @@ class LoraLayer(AdapterLayer):
                 f"DoRA is implemented for Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}; "
                 "exclude such modules with exclude_modules"
             )
+        check_rank(self.inner, r)
         initializer = self.initializers.get(init)
         if initializer is None:
             raise ValueError(

@@ -130,7 +130,10 @@ class LoraMethod:
         for path in targets:
             layer = wrap(model, path, self.registry)
             r, alpha = config.rank_and_alpha(path)
-            self.add_to_layer(layer, adapter_name, config, r, alpha)
+            try:
+                self.add_to_layer(layer, adapter_name, config, r, alpha)
+            except ValueError as err:
+                raise ValueError(f"{path!r}: {err}") from None
         add_modules_to_save(model, saved, adapter_name)
         for layer_type in (LoraLinear, LoraConv1D):
             group_siblings(model, layer_type)

@@ -10,27 +10,46 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+from starlette.exceptions import HTTPException
 
 from .batcher import Batcher
-from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, ServedModel
+from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, BadText, ServedModel
+
+log = logging.getLogger("peftkit.serve")
 
 
 class Limits(BaseModel):
     max_texts: int = 256
     max_chars: int = 10_000
+    #: whole request body in bytes (413 above it); 256 texts of 10,000 characters fit
+    max_request_bytes: int = 4 * 1024 * 1024
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer or UTF-8 encoder accepts: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[err.start]!r} at character {err.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class ClassifyRequest(BaseModel):
-    adapter: str = Field(description="adapter name, or 'base' for the plain base model")
-    texts: list[str] | None = Field(None, description="texts to classify")
-    pairs: list[tuple[str, str]] | None = Field(None, description="sentence pairs to classify")
+    adapter: Text = Field(description="adapter name, or 'base' for the plain base model", max_length=200)
+    texts: list[Text] | None = Field(None, description="texts to classify")
+    pairs: list[tuple[Text, Text]] | None = Field(None, description="sentence pairs to classify")
 
     @model_validator(mode="after")
     def _one_input(self) -> "ClassifyRequest":
@@ -51,8 +70,45 @@ class ClassifyResponse(BaseModel):
 
 
 class LoadRequest(BaseModel):
-    name: str
-    path: str = Field(description="folder of the adapter, relative to (or inside) the server's adapter directory")
+    name: Text
+    path: Text = Field(description="folder of the adapter, relative to (or inside) the server's adapter directory",
+                       max_length=4096)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read whole: by their declared
+    Content-Length, and by counting the bytes of a body sent without one (chunked)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.app(scope, _refuse, send)  # the endpoint's body read raises BodyTooLarge
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge()  # an HTTPException: FastAPI passes it on to the 413 handler
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _refuse():
+    raise BodyTooLarge()
 
 
 class Metrics:
@@ -66,6 +122,8 @@ class Metrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
         self.batch_rows = Histogram("peftkit_batch_rows", "rows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                     registry=self.registry)
+        self.batch_adapters = Histogram("peftkit_batch_adapters", "different adapters in one forward pass",
+                                        buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
         self.classified = Counter("peftkit_texts_classified", "texts classified", ["adapter"], registry=self.registry)
         self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=self.registry)
 
@@ -77,24 +135,45 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
     metrics.adapters.set(len(served.adapters))
     batcher_box: dict = {}
 
+    def observe(names: list[str]) -> None:
+        metrics.batch_rows.observe(len(names))
+        metrics.batch_adapters.observe(len(set(names)))
+
+    served.on_forward = observe
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher_box["batcher"] = Batcher(served.classify, max_batch_size, max_wait_ms, metrics.batch_rows.observe)
+        batcher_box["batcher"] = Batcher(served.classify, max_batch_size, max_wait_ms)
         yield
         batcher_box["batcher"].close()
 
     app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan,
                   description="One base model, many adapters; each request picks its adapter.")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
 
     def error(status: int, message: str, endpoint: str) -> JSONResponse:
         metrics.errors.labels(endpoint).inc()
         metrics.requests.labels(endpoint, str(status)).inc()
+        # messages may quote what the client sent: keep them encodable whatever it was
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         return JSONResponse(status_code=status, content={"error": message})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return error(422, f"invalid request: {problems}", request.url.path)
+        return error(422, f"invalid request: {problems[:2000]}", request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 413:  # BodyLimit
+            return error(413, f"the request body is larger than {limits.max_request_bytes} bytes (the server's "
+                              "--max_request_bytes): send fewer or shorter texts per request", request.url.path)
+        return error(exc.status_code, str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); the server log has the details", request.url.path)
 
     @app.post("/v1/classify", response_model=ClassifyResponse)
     async def classify(body: ClassifyRequest):
@@ -117,20 +196,34 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
             return error(404, str(err.args[0]), endpoint)
         except BadAdapterRequest as err:
             return error(400, str(err), endpoint)
+        takes_pairs = served.takes_pairs(body.adapter)
+        if takes_pairs is not None and takes_pairs != (body.pairs is not None):
+            wanted, sent = ("'pairs' ([[text, text_pair], ...])", "single texts") if takes_pairs else \
+                ("'texts'", "pairs")
+            return error(422, f"adapter {body.adapter!r} was trained on {'sentence pairs' if takes_pairs else 'single texts'} "
+                              f"but the request sends {sent}: send {wanted}", endpoint)
         rows = [(body.adapter, t, None) if isinstance(t, str) else (body.adapter, t[0], t[1]) for t in items]
         probabilities = await batcher_box["batcher"].submit(rows)
-        missing = next((p for p in probabilities if isinstance(p, Exception)), None)
-        if missing is not None:  # the adapter was unloaded while the request waited
-            return error(404, str(missing.args[0]), endpoint)
+        failed = next((p for p in probabilities if isinstance(p, Exception)), None)
+        if failed is not None:
+            return _row_error(failed, endpoint)
         predictions = []
-        for probs in probabilities:
+        for probs in probabilities:  # full float32 precision: answers equal `peftkit predict` bit for bit
             best = int(probs.argmax())
-            predictions.append(Prediction(label=labels[best], probability=round(float(probs[best]), 6),
-                                          probabilities={l: round(float(p), 6) for l, p in zip(labels, probs)}))
+            predictions.append(Prediction(label=labels[best], probability=float(probs[best]),
+                                          probabilities={l: float(p) for l, p in zip(labels, probs)}))
         metrics.classified.labels(body.adapter).inc(len(rows))
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return ClassifyResponse(adapter=body.adapter, predictions=predictions)
+
+    def _row_error(failed: Exception, endpoint: str) -> JSONResponse:
+        if isinstance(failed, AdapterNotFound):  # the adapter was unloaded while the request waited
+            return error(404, str(failed.args[0]), endpoint)
+        if isinstance(failed, BadText):
+            return error(422, str(failed), endpoint)
+        log.error("classification failed: %s: %s", type(failed).__name__, failed)
+        return error(500, f"classification failed ({type(failed).__name__}); the server log has the details", endpoint)
 
     @app.get("/v1/adapters")
     async def list_adapters():
@@ -178,7 +271,8 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 
 
 def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, pooling: str = "auto",
-          max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None) -> None:
+          max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None,
+          max_request_bytes: int = Limits().max_request_bytes) -> None:
     import torch
     import uvicorn
 
@@ -191,4 +285,5 @@ def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, p
     for folder, problem in served.discover():
         print(f"skipped adapter folder {folder!r}: {problem}", flush=True)
     print(f"serving {len(served.adapters)} adapter(s) on http://{host}:{port} (pooling {served.pooling})", flush=True)
-    uvicorn.run(create_app(served, max_batch_size, max_wait_ms), host=host, port=port, log_level="warning")
+    app = create_app(served, max_batch_size, max_wait_ms, Limits(max_request_bytes=max_request_bytes))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -2,6 +2,7 @@
 
 A worker thread takes the first waiting request, then keeps collecting for up to ``max_wait_ms`` or until
 ``max_batch_size`` rows are gathered, runs them as one mixed-adapter batch and hands every request its rows.
+A row that fails comes back as its exception, so one bad request never fails the others in its batch.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[Sequence], list], max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, run: Callable[[Sequence], list], max_batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
+        """``run(rows)`` returns one result per row: a value, or the Exception that row met."""
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
-        self.on_batch = on_batch
         self.queue: queue.Queue[Pending | None] = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="peftkit-batcher", daemon=True)
         self.thread.start()
@@ -67,29 +67,23 @@ class Batcher:
 
     def _run(self, batch: list[Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
-        try:
-            results = []
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = rows[start:start + self.max_batch_size]
+        results: list = []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            try:
                 results += self.run(chunk)
-                if self.on_batch is not None:
-                    self.on_batch(len(chunk))
-        except BaseException as err:  # every waiting request learns about the failure
-            for pending in batch:
-                pending.loop.call_soon_threadsafe(_fail, pending.future, err)
-            return
+            except Exception as err:  # run() isolates failing rows itself; this is the last line of defence
+                results += [err] * len(chunk)
         offset = 0
-        for pending in batch:
+        for pending in batch:  # each request gets its own rows' results (an Exception for a failed row)
             part = results[offset:offset + len(pending.rows)]
             offset += len(pending.rows)
-            pending.loop.call_soon_threadsafe(_succeed, pending.future, part)
+            try:
+                pending.loop.call_soon_threadsafe(_succeed, pending.future, part)
+            except RuntimeError:  # the event loop closed (shutdown): nobody waits for this answer
+                pass
 
 
 def _succeed(future: asyncio.Future, value) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _fail(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -9,16 +9,19 @@ built for another base model (other shapes, or another recorded base fingerprint
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .. import data as D
-from ..io import CONFIG_NAME, AdapterFileError, base_fingerprint, find_adapter_dir
+from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, base_fingerprint, find_adapter_dir
 from ..model import BASE, AdaptedModel, _check_adapter_name
+
+log = logging.getLogger("peftkit.serve")
 
 
 class AdapterNotFound(KeyError):
@@ -33,6 +36,10 @@ class BadAdapterRequest(ValueError):
     """A path outside the adapter directory, an invalid name, an unreadable folder (HTTP 400)."""
 
 
+class BadText(ValueError):
+    """A text the tokenizer could not take (HTTP 422); only the request that sent it fails."""
+
+
 @dataclass
 class AdapterInfo:
     name: str
@@ -41,10 +48,12 @@ class AdapterInfo:
     labels: list[str]
     trainable_share: float | None = None
     metrics: dict = field(default_factory=dict)
+    #: True: trained on sentence pairs; False: on single texts; None: unknown (a plain adapter folder)
+    pairs: bool | None = None
 
     def public(self) -> dict:
         return {"name": self.name, "method": self.method, "labels": self.labels, "trainable_share": self.trainable_share,
-                "metrics": self.metrics}
+                "metrics": self.metrics, "input": {True: "pairs", False: "texts", None: "texts or pairs"}[self.pairs]}
 
 
 class ServedModel:
@@ -63,10 +72,12 @@ class ServedModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         task = build_classifier(self.base_path, num_labels=2, pooling=self.pooling)
         self.base_labels = self._trained_head_labels(task)
-        self.model = AdaptedModel(task).eval()
+        self.model = AdaptedModel(task).eval()  # and every adapter added later follows this mode (no dropout)
         self.fingerprint = base_fingerprint(task)
         self.lock = threading.RLock()
         self.adapters: dict[str, AdapterInfo] = {}
+        #: called after every forward pass with the adapter name of each row (metrics, tests)
+        self.on_forward: Callable[[list[str]], None] | None = None
 
     @staticmethod
     def _trained_head_labels(task) -> list[str] | None:
@@ -84,24 +95,42 @@ class ServedModel:
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 self.load(folder.name, folder.name)
-            except (AdapterConflict, BadAdapterRequest, AdapterFileError, ValueError) as err:
+            except (AdapterConflict, BadAdapterRequest, AdapterNotFound) as err:
                 problems.append((folder.name, str(err)))
         return problems
 
     def _confined(self, path: str | Path) -> Path:
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
+        try:
+            candidate = Path(path)
+            resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
+            exists = resolved.exists()
+        except (OSError, ValueError) as err:  # a name too long, a NUL byte, a link loop
+            raise BadAdapterRequest(f"path {str(path)[:200]!r} cannot be used: {err}") from None
         if resolved != self.root and self.root not in resolved.parents:
-            raise BadAdapterRequest(f"path {str(path)!r} is outside the adapter directory {self.root}")
-        if not resolved.exists():
-            raise AdapterNotFound(f"no adapter folder at {str(path)!r} under {self.root}")
+            raise BadAdapterRequest(f"path {str(path)[:200]!r} is outside the adapter directory {self.root}")
+        if not exists:
+            raise AdapterNotFound(f"no adapter folder at {str(path)[:200]!r} under {self.root}")
         return resolved
 
     def load(self, name: str, path: str | Path) -> AdapterInfo:
+        """Load an adapter folder; every problem of the folder is an AdapterConflict, BadAdapterRequest or
+        AdapterNotFound, and leaves nothing behind."""
         try:
             _check_adapter_name(name, self.adapters)
         except ValueError as err:
             raise (AdapterConflict if "already exists" in str(err) else BadAdapterRequest)(str(err)) from None
+        try:
+            return self._load(name, path)
+        except (AdapterNotFound, AdapterConflict, BadAdapterRequest):
+            raise
+        except AdapterContentError as err:
+            raise BadAdapterRequest(f"adapter {name!r} cannot be loaded: {err}") from None
+        except AdapterFileError as err:
+            raise AdapterConflict(f"adapter {name!r} does not fit this base model: {err}") from None
+        except Exception as err:  # whatever is wrong in the folder's files is that folder's problem, not the server's
+            raise BadAdapterRequest(f"adapter {name!r} cannot be loaded: {type(err).__name__}: {err}") from None
+
+    def _load(self, name: str, path: str | Path) -> AdapterInfo:
         folder = self._confined(path)
         run_config = folder / "config.yaml"
         labels_file = folder / "labels.json"
@@ -113,7 +142,7 @@ class ServedModel:
         for file in adapter_dir.iterdir():  # a link inside the folder may not lead out of it
             self._confined(file)
         labels = None
-        method, share, metrics = None, None, {}
+        method, share, metrics, pairs = None, None, {}, None
         if run_config.is_file() and labels_file.is_file():
             import yaml
 
@@ -125,8 +154,11 @@ class ServedModel:
             if resolve_pooling(self.base_path, pooling) != self.pooling:
                 raise AdapterConflict(f"adapter {name!r} was trained with pooling {pooling!r}; this server's base uses "
                                       f"{self.pooling!r} (start it with --pooling {pooling})")
-            labels = json.loads(labels_file.read_text(encoding="utf-8"))["labels"]
+            labels = json.loads(labels_file.read_text(encoding="utf-8")).get("labels")
+            if not isinstance(labels, list) or not labels or not all(isinstance(l, str) for l in labels):
+                raise BadAdapterRequest(f"adapter {name!r}: {labels_file.name} must hold {{\"labels\": [names...]}}")
             method = values.get("method")
+            pairs = bool(values.get("text_pair_column"))
             report_file = folder / "report.json"
             if report_file.is_file():
                 report = json.loads(self._confined(report_file).read_text(encoding="utf-8"))
@@ -135,10 +167,11 @@ class ServedModel:
         with self.lock:
             try:
                 self.model.load_adapter(adapter_dir, name, resize_heads=True, check_base=True)
-            except AdapterFileError as err:
-                raise AdapterConflict(f"adapter {name!r} does not fit this base model: {err}") from None
+            except (AdapterFileError, BadAdapterRequest):
+                raise
             except (KeyError, TypeError, ValueError, NotImplementedError) as err:
                 raise BadAdapterRequest(f"adapter {name!r} cannot be loaded: {err}") from None
+            self.model.eval()  # the server never runs in training mode (dropout), whatever the core does
             record = self.model.adapters[name]
             head = self._head_size(name)
         if labels is None:
@@ -146,7 +179,7 @@ class ServedModel:
         if head is not None and len(labels) != head:
             self.unload(name)
             raise AdapterConflict(f"adapter {name!r}: labels.json lists {len(labels)} labels but its head has {head} outputs")
-        info = AdapterInfo(name, str(folder), method or record.method.name, labels, share, metrics)
+        info = AdapterInfo(name, str(folder), method or record.method.name, labels, share, metrics, pairs)
         self.adapters[name] = info
         return info
 
@@ -176,34 +209,59 @@ class ServedModel:
             raise AdapterNotFound(f"no adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
         return self.adapters[name].labels
 
+    def takes_pairs(self, name: str) -> bool | None:
+        """Whether the adapter was trained on sentence pairs (None: not known, e.g. the base or a plain folder)."""
+        info = self.adapters.get(name)
+        return info.pairs if info is not None else None
+
     # ------------------------------------------------------------------------------------------ inference
-    def classify(self, rows: Sequence[tuple[str, str, str | None]]) -> list[torch.Tensor]:
-        """Probabilities for rows of (adapter, text, text_pair or None), in one forward when the adapters allow."""
-        features = []
-        for _, text, pair in rows:
-            example = D.Example(text, pair, None, 0)
-            features += D.encode(self.tokenizer, [example], self.max_length)
-        names = [name for name, _, _ in rows]
+    def classify(self, rows: Sequence[tuple[str, str, str | None]]) -> list[torch.Tensor | Exception]:
+        """Probabilities for rows of (adapter, text, text_pair or None), in one forward when the adapters allow.
+
+        A row that fails (its text cannot be tokenized, its adapter was unloaded, its forward fails) gets its
+        exception instead of probabilities; the other rows are answered as usual."""
         out: list = [None] * len(rows)
-        with self.lock, torch.inference_mode():
-            live = [i for i, n in enumerate(names) if n == BASE or n in self.model.adapters]
-            for i in set(range(len(rows))) - set(live):  # unloaded while the request waited
-                out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
-            if not live:
-                return out
+        features: dict[int, dict] = {}
+        for i, (_, text, pair) in enumerate(rows):  # one row at a time: a bad text fails only its own row
             try:
-                groups = [(live, self._forward([features[i] for i in live], [names[i] for i in live]))]
-            except NotImplementedError:  # some adapter cannot share a batch: one forward per adapter
-                groups = []
-                for name in dict.fromkeys(names[i] for i in live):
-                    index = [i for i in live if names[i] == name]
-                    groups.append((index, self._forward([features[i] for i in index], [name] * len(index))))
+                features[i] = D.encode(self.tokenizer, [D.Example(text, pair, None, 0)], self.max_length)[0]
+            except Exception as err:
+                out[i] = BadText(f"text {text[:40]!r} cannot be tokenized: {type(err).__name__}: {err}")
+        names = [name for name, _, _ in rows]
+        with self.lock, torch.inference_mode():
+            live = [i for i in features if names[i] == BASE or names[i] in self.model.adapters]
+            for i in set(features) - set(live):  # unloaded while the request waited
+                out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
+            groups = self._forward_rows(live, features, names, out) if live else []
             widths = {name: len(self.labels_of(name)) for name in {names[i] for i in live}}
         for index, logits in groups:
             for row, i in enumerate(index):
                 out[i] = torch.softmax(logits[row, :widths[names[i]]].float(), -1)
         return out
 
+    def _forward_rows(self, index: list[int], features: dict[int, dict], names: list[str],
+                      out: list) -> list[tuple[list[int], torch.Tensor]]:
+        """(rows, logits) groups for ``index``: one forward if it works; else one per adapter (adapters that cannot
+        share a batch), else one per row, so that a failing row fails alone."""
+        try:
+            return [(index, self._forward([features[i] for i in index], [names[i] for i in index]))]
+        except NotImplementedError as err:
+            adapters = list(dict.fromkeys(names[i] for i in index))
+            if len(adapters) > 1:
+                return [group for name in adapters
+                        for group in self._forward_rows([i for i in index if names[i] == name], features, names, out)]
+            failure: Exception = err
+        except Exception as err:  # isolated below: retried row by row
+            failure = err
+        if len(index) > 1:
+            return [group for i in index for group in self._forward_rows([i], features, names, out)]
+        log.error("forward failed for one row (adapter %r): %s: %s", names[index[0]], type(failure).__name__, failure)
+        out[index[0]] = failure
+        return []
+
     def _forward(self, features: list[dict], names: list[str]) -> torch.Tensor:
         batch = D.collate(self.tokenizer, features)
-        return self.model(**batch, adapter_names=names).logits
+        logits = self.model(**batch, adapter_names=names).logits
+        if self.on_forward is not None:
+            self.on_forward(names)
+        return logits
