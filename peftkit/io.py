@@ -133,7 +133,7 @@ def write_dir(directory: Path, fill: Callable[[Path], None], keep_others: bool =
         fill(tmp)
         if keep_others and directory.is_dir():
             _carry_over(directory, tmp)
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)  # copied files too: the new folder is on disk before it replaces the old one
         if directory.exists():
             aside = _new_name(directory, "old")
             os.replace(directory, aside)
@@ -208,6 +208,14 @@ def _alive(pid: str) -> bool:
     except OSError:
         return True
     return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(directory: Path) -> None:

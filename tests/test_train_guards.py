@@ -4,7 +4,6 @@ from the bare CLI, unwritable outputs, file modes, crash-safe folder swaps, accu
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
