@@ -7,7 +7,9 @@
     peftkit info DIR
     peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
 
-Bad input (a config key, a data file, a run folder) is reported with what is wrong and exits with status 2.
+Exit status: 0 done; 2 bad input (a config key, a data file, a run folder, an output that cannot be written),
+reported in one paragraph naming what is wrong; 3 training diverged (non-finite loss, gradients or weights; nothing
+from the diverged model is saved); 1 an internal error (a bug: PEFTKIT_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERNAL = 1
+
+
+class UsageError(ValueError):
+    """Command-line arguments that do not fit together."""
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -29,7 +37,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .targets import TargetError
     from .train.config import ConfigProblem
 
-    return DataError, ConfigProblem, ConfigError, AdapterFileError, TargetError, FileExistsError, FileNotFoundError
+    # OSError: FileExistsError, FileNotFoundError, and outputs that cannot be written (io.OutputError)
+    return DataError, ConfigProblem, ConfigError, AdapterFileError, TargetError, UsageError, OSError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return args.handler(args, [])
     except _bad_input_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:
+        from .train.guards import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
+        if os.environ.get("PEFTKIT_DEBUG"):
+            raise
+        print(f"error: internal error, a bug in peftkit ({type(err).__name__}: {err}). Run again with PEFTKIT_DEBUG=1 "
+              "to see the traceback, and please report it.", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _message(err: BaseException) -> str:
+    from .io import OutputError
+
+    if isinstance(err, OSError) and not isinstance(err, OutputError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
 
 
 _TRAIN_HELP = """usage: peftkit train [CONFIG.yaml] [--resume] [--key value ...]
@@ -139,12 +167,12 @@ def _train(args, rest) -> int:
     from .train.config import load
     from .train.trainer import train
 
-    config_file = args.config
+    config_file, embedded = args.config, False
     if config_file is None and not any(a.split("=")[0] == "--train_file" for a in rest):
         from .demo import DATA_DIR
 
-        config_file = DATA_DIR / "demo.yaml"  # the embedded default: the demo intents
-    config = load(config_file, rest)
+        config_file, embedded = DATA_DIR / "demo.yaml", True  # the embedded default: the demo intents
+    config = load(config_file, rest, embedded=embedded)
     train(config, resume=args.resume)
     return 0
 
@@ -162,10 +190,11 @@ def _eval(args, rest) -> int:
 def _predict(args, rest) -> int:
     from .train.run import Run
 
+    if args.text_pair and (not args.text or len(args.text_pair) != len(args.text)):
+        raise UsageError(f"{len(args.text or [])} --text but {len(args.text_pair)} --text_pair: give one --text_pair "
+                         "per --text (in the same order), or none")
     run = Run(args.run)
     if args.text:
-        if args.text_pair and len(args.text_pair) != len(args.text):
-            raise ValueError("give one --text_pair per --text")
         texts, pairs = args.text, args.text_pair
     else:
         examples = run.read(args.data, labelled=False, columns=_columns(args, run))

@@ -8,33 +8,28 @@ renamed when complete, so a run killed at any moment leaves either the whole che
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import write_safetensors
+from ..io import recover_dir, remove_dir, write_dir, write_json, write_safetensors
 
 PREFIX = "step-"
 
 
 def save(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:09d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_safetensors(tmp / "tensors.safetensors", tensors)
-    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        write_safetensors(tmp / "tensors.safetensors", tensors)
+        write_json(tmp / "state.json", state)
+
+    write_dir(final, fill)
     for old in complete(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 
@@ -42,6 +37,8 @@ def complete(directory: Path) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         return []
+    for path in list(root.glob(f".{PREFIX}*-*")):  # leftovers of an interrupted swap (see io.write_dir)
+        recover_dir(root / path.name[1:].split(".")[0])
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class Section(BaseModel):
@@ -38,7 +39,15 @@ class LoraSection(Section):
 
 
 class DoraSection(LoraSection):
-    use_dora: bool = Field(True, description="DoRA: a learned magnitude per output row (Linear layers)")
+    use_dora: bool = Field(True, description="always true for method dora (use method lora for plain LoRA)")
+
+    @field_validator("use_dora")
+    @classmethod
+    def _always(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("false would train plain LoRA under the name dora; use method: lora instead "
+                             "(or drop dora.use_dora)")
+        return value
 
 
 class AdaLoraSection(Section):
@@ -109,6 +118,30 @@ class DistillSection(Section):
     layers: list[int] | None = Field(None, description="hidden-state indices to match (default: the last)")
     hidden_loss: Literal["mse", "cosine"] = Field("mse", description="hidden-state distance")
 
+    # the keys each mode reads; a key of the other mode, when given, would be silently ignored
+    MODE_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {"logits": ("temperature",), "hidden": ("layers", "hidden_loss")}
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "hidden" if self.teacher == "base" else "logits"
+
+    def unused_keys(self) -> list[str]:
+        return [key for mode, keys in self.MODE_KEYS.items() if mode != self.resolved_mode for key in keys]
+
+    @model_validator(mode="after")
+    def _no_ignored_keys(self, info: ValidationInfo) -> "DistillSection":
+        given = [key for key in self.unused_keys() if key in self.model_fields_set]
+        if given and not (info.context or {}).get("stored"):
+            raise ValueError(f"{' and '.join(given)} only applies in {self._mode_of(given[0])} "
+                             f"mode, but this run distils in {self.resolved_mode} mode (teacher {self.teacher!r}, mode "
+                             f"{self.mode!r}), so it would be ignored; drop it, or set distill.mode")
+        return self
+
+    def _mode_of(self, key: str) -> str:
+        return next(mode for mode, keys in self.MODE_KEYS.items() if key in keys)
+
 
 SECTIONS: dict[str, type[Section]] = {
     "lora": LoraSection, "dora": DoraSection, "adalora": AdaLoraSection, "bottleneck": BottleneckSection,
@@ -156,6 +189,8 @@ class RunConfig(BaseModel):
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warm-up")
     gradient_accumulation_steps: int = Field(1, gt=0, description="batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
+    max_skipped_steps: int = Field(3, ge=0, description="optimizer steps with a non-finite loss or gradients that are "
+                                   "skipped (with a warning) before the run stops as diverged (exit status 3)")
     bf16: bool = Field(False, description="bf16 autocast; with adapters the frozen base is stored in bf16, adapters stay fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (non-reentrant)")
     fast: bool = Field(False, description="peftkit's fast mode: the base model's dropouts use the fast mask")
@@ -182,7 +217,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
-        from .methods import available
+        from .methods import available, get as get_method
 
         if self.method not in available():
             raise ValueError(f"method: {self.method!r} is not a training method; choose one of {', '.join(available())}")
@@ -195,6 +230,10 @@ class RunConfig(BaseModel):
             raise ValueError("distributed: fsdp is offered for adapter methods; use ddp for full fine-tuning")
         if self.distill is not None and self.method == "full":
             raise ValueError("distill: needs an adapter method (the base-model teacher is the network with adapters off)")
+        if self.distill is not None and get_method(self.method).logits is not None:
+            raise ValueError(f"distill: method {self.method!r} computes its logits its own way (the head on the frozen "
+                             "body's features), so distillation would be ignored; drop the distill settings, or use "
+                             "an adapter method such as lora")
         if self.distill is not None and self.distill.teacher == "base" and self.distill.mode == "logits":
             raise ValueError("distill.mode: logits from the base model are meaningless for a new classifier head; "
                              "use mode hidden (or auto), or a trained run folder as teacher")
@@ -219,15 +258,21 @@ class RunConfig(BaseModel):
     def to_yaml(self) -> str:
         """The resolved config, with the section of the chosen method only."""
         others = {name for name in SECTIONS if name != self.method}
-        return yaml.safe_dump(self.model_dump(mode="json", exclude=others), sort_keys=False, allow_unicode=True)
+        exclude: dict = {name: True for name in others}
+        if self.distill is not None:  # the keys of the other distillation mode mean nothing here
+            exclude["distill"] = set(self.distill.unused_keys())
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False, allow_unicode=True)
 
 
 class ConfigProblem(ValueError):
     """A configuration that cannot run (unknown key, wrong type, impossible combination)."""
 
 
-def load(path: str | Path | None, overrides: list[str]) -> RunConfig:
-    """The YAML file (if any) with ``--key value`` overrides applied, validated."""
+def load(path: str | Path | None, overrides: list[str], embedded: bool = False) -> RunConfig:
+    """The YAML file (if any) with ``--key value`` overrides applied, validated.
+
+    ``embedded``: the file is peftkit's own default (the demo); its method-specific settings (the method's section
+    and learning_rate) apply only when the method stays the file's, so ``--method X`` alone always works."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -239,7 +284,11 @@ def load(path: str | Path | None, overrides: list[str]) -> RunConfig:
             raise ConfigProblem(f"{path}: not valid YAML ({err})") from None
         if not isinstance(values, dict):
             raise ConfigProblem(f"{path}: the config must be a mapping of keys to values")
-    for key, value in _pairs(overrides):
+    pairs = list(_pairs(overrides))
+    method = next((value for key, value in pairs if key == "method"), values.get("method"))
+    if embedded and method != values.get("method"):
+        values = {k: v for k, v in values.items() if k not in SECTIONS and k != "learning_rate"}
+    for key, value in pairs:
         _set(values, key, value)
     return validate(values)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigProblem
+
 
 class Distiller:
     def __init__(self, section, student: nn.Module, labels) -> None:
@@ -25,15 +27,14 @@ class Distiller:
 
             run = Run(section.teacher)
             if run.labels.names != labels.names:
-                raise ValueError(f"distill.teacher {section.teacher}: its labels {run.labels.names[:10]} differ from "
-                                 f"this run's {labels.names[:10]}")
+                raise ConfigProblem(f"distill.teacher {section.teacher}: its labels {run.labels.names[:10]} differ from "
+                                    f"this run's {labels.names[:10]}")
             self.teacher = run.model.eval()
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
-        mode = section.mode
-        self.mode = ("logits" if self.teacher is not None else "hidden") if mode == "auto" else mode
+        self.mode = section.resolved_mode
         if self.teacher is None and not hasattr(student, "disable_adapters"):
-            raise ValueError("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
+            raise ConfigProblem("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
 
     @property
     def needs_hidden(self) -> bool:

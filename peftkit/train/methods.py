@@ -83,6 +83,7 @@ def _adapter_method(name: str) -> TrainingMethod:
 def feature_split(task: nn.Module):
     """(features(batch), classify(features)) of a classifier whose head reads pooled features."""
     from ..heads import PooledForSequenceClassification
+    from .config import ConfigProblem
 
     if isinstance(task, PooledForSequenceClassification):
         return (lambda batch: task.features(**batch)), (lambda feats: task.classify(feats).logits)
@@ -91,11 +92,11 @@ def feature_split(task: nn.Module):
         def features(batch):
             out = body(**batch)
             if getattr(out, "pooler_output", None) is None:
-                raise ValueError("cache_features needs pooled features: use pooling cls or mean")
+                raise ConfigProblem("head.cache_features needs pooled features: use pooling cls or mean")
             return out.pooler_output
 
         return features, (lambda feats: task.classifier(task.dropout(feats)))
-    raise ValueError(f"head-only training cannot split {type(task).__name__} into body and head; use pooling cls or mean")
+    raise ConfigProblem(f"head-only training cannot split {type(task).__name__} into body and head; use pooling cls or mean")
 
 
 def _head_logits(model: nn.Module, batch: dict, keys: list, config, store: dict) -> torch.Tensor:

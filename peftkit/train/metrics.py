@@ -49,7 +49,7 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    _save(fig, out / "loss.png")
     plt.close(fig)
     written.append(out / "loss.png")
     if evals:
@@ -61,7 +61,7 @@ def plot_history(history: list[dict], out: Path) -> list[Path]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "metrics.png", dpi=110)
+        _save(fig, out / "metrics.png")
         plt.close(fig)
         written.append(out / "metrics.png")
     return written
@@ -90,9 +90,15 @@ def plot_confusion(matrix: list[list[int]], names: Sequence[str], path: Path, ti
                         color="white" if values[i, j] > values.max() / 2 else "black")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 class TensorBoard:

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from .. import data as D
-from ..io import write_json
+from ..io import recover_dir, write_json
 from .config import ConfigProblem, RunConfig
-from .methods import get as get_method
+from .methods import ADAPTER_DIR, MODEL_DIR, get as get_method
 from .trainer import CONFIG_FILE, LABELS_FILE, REPORT_FILE, build_model, resolve_model
 
 
@@ -24,9 +24,12 @@ class Run:
         if not (self.path / CONFIG_FILE).is_file() or not (self.path / LABELS_FILE).is_file():
             raise D.DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {LABELS_FILE} are expected)")
         try:
-            self.config = RunConfig.model_validate(yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8")))
+            stored = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+            self.config = RunConfig.model_validate(stored, context={"stored": True})  # as written by an older version too
         except Exception as err:
             raise ConfigProblem(f"{self.path / CONFIG_FILE}: {err}") from None
+        for name in (ADAPTER_DIR, MODEL_DIR):  # a crash in the middle of replacing a folder: see io.write_dir
+            recover_dir(self.path / name)
         self.labels = D.LabelMap.from_dict(json.loads((self.path / LABELS_FILE).read_text(encoding="utf-8")))
         report = self.path / REPORT_FILE
         self.report = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}

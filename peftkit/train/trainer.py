@@ -2,132 +2,40 @@
 
 AdamW; linear warm-up then linear/cosine/constant; gradient accumulation; clipping; bf16 autocast; non-reentrant
 gradient checkpointing; evaluation every N steps or each epoch; early stopping; the best model kept; atomic,
-resumable checkpoints (model, optimizer, scheduler, RNG and position in the data order).
+resumable checkpoints (model, optimizer, scheduler, RNG and position in the data order). A step with a non-finite
+loss or gradient norm is skipped; after ``max_skipped_steps`` of them the run stops as diverged (``guards.py``).
 
-Losses are normalised by the number of examples in the *global* batch, so that the gradient, the logged loss
-and the gradient norm are the same with one process or N processes seeing the same global batch.
+Losses are normalised by the number of examples of the optimizer step: every process's share of every batch
+accumulated into it (fewer at the end of an epoch), so that the gradient, the logged loss and the gradient norm
+are those of one batch of the same examples, with one process or N.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import data as D
-from ..io import atomic_write, write_json
+from ..io import atomic_write, output_error, recover_dir, write_dir, write_json
 from . import checkpoint as C
 from . import distributed as dist
-from .config import RunConfig
+from .config import ConfigProblem, RunConfig
+from .guards import StepGuard, TrainingDiverged, check_savable
 from .methods import get as get_method
 from .metrics import TensorBoard, plot_confusion, plot_history, scores
+# re-exported: run.py and peftkit.serve import these from here
+from .setup import build_model, load_datasets, resolve_data, resolve_model, schedule  # noqa: F401
 
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
-
-
-def resolve_model(path: str) -> str:
-    if path == "minilm":
-        from ..demo import minilm_path
-
-        return str(minilm_path())
-    if not Path(path).is_dir():
-        raise D.DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
-    return path
-
-
-def resolve_data(config: RunConfig) -> RunConfig:
-    if config.train_file is None:
-        from ..demo import DATA_DIR
-
-        return config.model_copy(update={"train_file": str(DATA_DIR / "intents_train.csv"),
-                                         "test_file": config.test_file or str(DATA_DIR / "intents_test.csv")})
-    return config
-
-
-@dataclass
-class Datasets:
-    labels: D.LabelMap
-    train: list[D.Example]
-    dev: list[D.Example]
-    test: list[D.Example] = field(default_factory=list)
-
-
-def load_datasets(config: RunConfig) -> Datasets:
-    """Read and check every file before anything is written (errors name file, line and column)."""
-    columns = D.Columns(config.text_column, config.label_column, config.text_pair_column)
-    train = D.read_examples(config.train_file, columns)
-    labels = D.LabelMap.from_examples(train)
-    if len(labels) < 2:
-        raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
-    if config.dev_file:
-        dev = D.read_examples(config.dev_file, columns)
-        labels.ids(dev, config.dev_file)
-    else:
-        train, dev = D.stratified_split(train, config.dev_split, config.seed)
-    test = []
-    if config.test_file:
-        test = D.read_examples(config.test_file, columns)
-        labels.ids(test, config.test_file)
-    return Datasets(labels, train, dev, test)
-
-
-# ---------------------------------------------------------------------------------------------- model
-def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True,
-                run_info: dict | None = None) -> nn.Module:
-    from ..heads import build_classifier
-
-    names = dict(enumerate(labels.names))
-    model = build_classifier(model_path, len(labels), config.pooling, id2label=names,
-                             label2id={v: k for k, v in names.items()})
-    if not prepare:
-        return model
-    method = get_method(config.method)
-    model = method.prepare(model, config, run_info or {})
-    if config.bf16 and method.adapter:
-        model.cast_frozen(torch.bfloat16)
-    if config.fast:
-        from ..fast import fast_training
-
-        fast_training(model)
-    if config.gradient_checkpointing:
-        _enable_checkpointing(model)
-    return model
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    target = model.base_model if hasattr(model, "enable_gradient_checkpointing") else model
-    if hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing(reentrant=False)
-        return
-    inner = getattr(target, "encoder", target)
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def schedule(config: RunConfig, total_steps: int):
-    warmup = int(config.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -144,6 +52,7 @@ class Trainer:
         model_path = resolve_model(config.model)
         datasets = load_datasets(config)  # every input problem surfaces here, before the run folder exists
         self._check_run_folder()
+        self._make_run_folder()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         from ..ops.memory import keep_freed_memory
@@ -174,11 +83,12 @@ class Trainer:
 
             self.distiller = Distiller(config.distill, self.model, datasets.labels)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.total_steps))
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0,
+                      "skipped_steps": 0, "history": []}
         if self.resume:
             self._restore()
+        self.guard = StepGuard(config.max_skipped_steps, self.state, self._advice(), say=self.env.main)
         if self.env.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_yaml(), encoding="utf-8"))
             write_json(self.run_dir / LABELS_FILE, datasets.labels.to_dict())
         self.board = TensorBoard(self.run_dir / "tensorboard", enabled=self.env.main)
@@ -190,6 +100,24 @@ class Trainer:
             self.board.close()
             dist.shutdown(self.env)
         return report
+
+    def _make_run_folder(self) -> None:
+        """Create the run folder up front (an unwritable place fails here, before any work), and finish any
+        folder swap that a crash interrupted (see ``io.write_dir``)."""
+        if not self.env.main:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise output_error(err, self.run_dir) from None
+        for name in ("best", "adapter", "model"):
+            recover_dir(self.run_dir / name)
+
+    def _advice(self) -> str:
+        best = self.run_dir / "best"
+        return (f"Nothing was saved from the diverged model (an earlier best, if any, stays in {best}). Lower the "
+                f"learning rate (now {self.config.peak_learning_rate:g}), keep max_grad_norm set, or use a longer "
+                "warm-up (warmup_ratio).")
 
     def _check_run_folder(self) -> None:
         existing = self.run_dir / CONFIG_FILE
@@ -214,17 +142,20 @@ class Trainer:
         while state["step"] < self.total_steps:
             order = D.length_batches(lengths, config.batch_size * self.env.world, seed=config.seed + state["epoch"])
             while state["batch"] < len(order) and state["step"] < self.total_steps:
+                if accumulated == 0:  # the window of this optimizer step (shorter at the end of an epoch)
+                    window = order[state["batch"]:state["batch"] + config.gradient_accumulation_steps]
+                    window_size = sum(len(b) for b in window)
                 global_batch = order[state["batch"]]
                 state["batch"] += 1
                 accumulated += 1
-                last_micro = accumulated == config.gradient_accumulation_steps or state["batch"] == len(order)
-                loss_sum = self._micro_step(global_batch, sync=last_micro, accumulation=config.gradient_accumulation_steps)
+                last_micro = accumulated == len(window)
+                loss_sum = self._micro_step(global_batch, sync=last_micro, examples=window_size, parts=len(window))
                 window_loss += loss_sum
                 window_examples += len(global_batch)
                 if not last_micro:
                     continue
                 accumulated = 0
-                grad_norm = self._optimizer_step()
+                grad_norm = self._optimizer_step(window_loss / window_examples)
                 state["step"] += 1
                 lr = self.scheduler.get_last_lr()[0]
                 mean_loss = window_loss / max(1, window_examples)
@@ -248,8 +179,10 @@ class Trainer:
             break
         progress(None, None, None)
 
-    def _micro_step(self, indices: list[int], sync: bool, accumulation: int) -> float:
-        """Forward/backward of this process's share of a global batch; returns the global sum of losses."""
+    def _micro_step(self, indices: list[int], sync: bool, examples: int, parts: int) -> float:
+        """Forward/backward of this process's share of a global batch; returns the global sum of losses.
+
+        ``examples``: the global number of examples in this optimizer step's window of ``parts`` batches."""
         mine = indices[self.env.rank::self.env.world]
         batch = D.collate(self.tokenizer, [self.features["train"][i] for i in mine])
         labels = torch.tensor([self.targets["train"][i] for i in mine])
@@ -263,23 +196,29 @@ class Trainer:
                 losses = self.distiller.loss_sum(out, batch, labels)
             else:
                 losses = nn.functional.cross_entropy(self.wrapped(**batch).logits.float(), labels, reduction="sum")
-            # ∑ over my examples / global batch size, times world (DDP averages gradients over processes)
-            loss = losses * self.env.world / (len(indices) * accumulation)
+            # ∑ over my examples / examples in the window, times world (DDP averages gradients over processes)
+            loss = losses * self.env.world / examples
             extra = self.model.regularization() if hasattr(self.model, "regularization") else None
             if extra is not None:  # e.g. AdaLoRA's orthogonality penalty, once per optimizer step
-                loss = loss + extra / accumulation
+                loss = loss + extra / parts
         loss.backward()
         return dist.sum_scalar(losses.detach(), self.env)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and apply the gradients, unless the loss or the gradient norm is non-finite: then the step is
+        skipped (the guard stops the run after max_skipped_steps such steps). Same decision on every process:
+        loss and gradients are already reduced over them."""
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
         norm = float(dist.full(norm))
-        self.optimizer.step()
-        if hasattr(self.model, "after_optimizer_step"):  # e.g. AdaLoRA's rank budget (needs the gradients)
-            self.model.after_optimizer_step(self.state["step"])
+        if StepGuard.finite(loss, norm):
+            self.optimizer.step()
+            if hasattr(self.model, "after_optimizer_step"):  # e.g. AdaLoRA's rank budget (needs the gradients)
+                self.model.after_optimizer_step(self.state["step"])
+        else:
+            self.guard.skip(self.state["step"] + 1, loss, norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -329,12 +268,13 @@ class Trainer:
 
         Only the main process evaluates, except under FSDP, where every process takes part in the forward."""
         config, state = self.config, self.state
-        stop = better = False
+        stop = better = diverged = False
         result = self.evaluate("dev") if self.datasets.dev and (self.env.main or self.sharded) else None
         if self.env.main and result is not None:
             metric = result["loss"] if config.metric_for_best_model == "loss" else result[config.metric_for_best_model]
-            better = state["best"] is None or (metric < state["best"] if config.metric_for_best_model == "loss"
-                                               else metric > state["best"])
+            diverged = not math.isfinite(result["loss"])  # a model with a NaN dev loss is never the best
+            better = not diverged and (state["best"] is None or (
+                metric < state["best"] if config.metric_for_best_model == "loss" else metric > state["best"]))
             record = {"step": state["step"], "dev_loss": result["loss"], "dev_accuracy": result["accuracy"],
                       "dev_macro_f1": result["macro_f1"]}
             state["history"].append(record)
@@ -347,6 +287,9 @@ class Trainer:
                 stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
             self._say(f"step {state['step']}: dev loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
                       f"macro-F1 {result['macro_f1']:.4f}" + (" (best)" if better else ""))
+        if dist.broadcast_flag(diverged, self.env):
+            raise TrainingDiverged(f"training diverged at step {state['step']}: the dev loss is not finite. "
+                                   + self._advice())
         if dist.broadcast_flag(better, self.env):
             self._save_model(self.run_dir / "best")
         self._checkpoint()
@@ -354,23 +297,22 @@ class Trainer:
 
     # -- saving -----------------------------------------------------------------------------------------
     def _save_model(self, directory: Path) -> None:
-        """The method's artifact (e.g. the adapter), written whole under a temporary name, then renamed."""
+        """The method's artifact (e.g. the adapter), written whole into a new folder, then swapped in."""
         with dist.gather_for_save(self.model, self.env, self.config.distributed):
             if not self.env.main:
                 return
-            tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.method.save(self.model, tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+            check_savable(self._trainable_tensors(), "model", self._advice())
+            write_dir(directory, lambda tmp: self.method.save(self.model, tmp))
+
+    def _trainable_tensors(self):
+        return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
     def _checkpoint(self) -> None:
         with dist.gather_for_save(self.model, self.env, self.config.distributed):
             if not self.env.main:
                 return
-            tensors = {f"param.{n}": p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            check_savable(self._trainable_tensors(), "checkpoint", self._advice())
+            tensors = {f"param.{n}": p.detach().clone() for n, p in self._trainable_tensors()}
         opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
         rng_tensors, rng_plain = C.rng_state()
         method_plain = {}
@@ -395,7 +337,8 @@ class Trainer:
             raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
         tensors, state = C.load(found[-1])
         if state.get("world", 1) != self.env.world:
-            raise ValueError(f"the checkpoint was written by {state.get('world')} process(es); resume with the same number")
+            raise ConfigProblem(f"{found[-1]}: the checkpoint was written by {state.get('world')} process(es), this run "
+                                f"has {self.env.world}; resume with the same number of processes")
         with torch.no_grad():
             for name, param in self.named_params.items():
                 param.copy_(tensors[f"param.{name}"])
@@ -428,6 +371,7 @@ class Trainer:
             report = {"method": config.method, "model": config.model, "labels": self.datasets.labels.names,
                       "trainable_parameters": share[0], "total_parameters": share[1], "trainable_share": share[2],
                       "steps": self.state["step"], "best_step": self.state["best_step"],
+                      "skipped_steps": self.state["skipped_steps"],
                       "metric_for_best_model": config.metric_for_best_model}
             report.update(results)
             self._write_outputs(report)
@@ -445,10 +389,7 @@ class Trainer:
         for name in ("adapter", "model"):
             source = run / "best" / name
             if source.exists():
-                target = run / name
-                if target.exists():
-                    shutil.rmtree(target)
-                shutil.copytree(source, target)
+                write_dir(run / name, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
         if not (run / "best").exists():  # no dev set: the final weights are the result
             self._save_model(run / "best")
             self._write_outputs(report)

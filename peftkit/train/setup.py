@@ -1,0 +1,109 @@
+"""What a training run is built from: the model folder, the data files (read and checked up front), the task model
+with its training method applied, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data as D
+from .config import RunConfig
+from .methods import get as get_method
+
+
+def resolve_model(path: str) -> str:
+    if path == "minilm":
+        from ..demo import minilm_path
+
+        return str(minilm_path())
+    if not Path(path).is_dir():
+        raise D.DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
+    return path
+
+
+def resolve_data(config: RunConfig) -> RunConfig:
+    if config.train_file is None:
+        from ..demo import DATA_DIR
+
+        return config.model_copy(update={"train_file": str(DATA_DIR / "intents_train.csv"),
+                                         "test_file": config.test_file or str(DATA_DIR / "intents_test.csv")})
+    return config
+
+
+@dataclass
+class Datasets:
+    labels: D.LabelMap
+    train: list[D.Example]
+    dev: list[D.Example]
+    test: list[D.Example] = field(default_factory=list)
+
+
+def load_datasets(config: RunConfig) -> Datasets:
+    """Read and check every file before anything is written (errors name file, line and column)."""
+    columns = D.Columns(config.text_column, config.label_column, config.text_pair_column)
+    train = D.read_examples(config.train_file, columns)
+    labels = D.LabelMap.from_examples(train)
+    if len(labels) < 2:
+        raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
+    if config.dev_file:
+        dev = D.read_examples(config.dev_file, columns)
+        labels.ids(dev, config.dev_file)
+    else:
+        train, dev = D.stratified_split(train, config.dev_split, config.seed)
+    test = []
+    if config.test_file:
+        test = D.read_examples(config.test_file, columns)
+        labels.ids(test, config.test_file)
+    return Datasets(labels, train, dev, test)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True,
+                run_info: dict | None = None) -> nn.Module:
+    from ..heads import build_classifier
+
+    names = dict(enumerate(labels.names))
+    model = build_classifier(model_path, len(labels), config.pooling, id2label=names,
+                             label2id={v: k for k, v in names.items()})
+    if not prepare:
+        return model
+    method = get_method(config.method)
+    model = method.prepare(model, config, run_info or {})
+    if config.bf16 and method.adapter:
+        model.cast_frozen(torch.bfloat16)
+    if config.fast:
+        from ..fast import fast_training
+
+        fast_training(model)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    target = model.base_model if hasattr(model, "enable_gradient_checkpointing") else model
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing(reentrant=False)
+        return
+    inner = getattr(target, "encoder", target)
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def schedule(config: RunConfig, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
