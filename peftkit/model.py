@@ -24,6 +24,7 @@ from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSave
 from .methods import Injection, Method, method_for_config, method_for_peft_type
 from .methods.common import set_submodule
+from .targets import reading_file
 from .version import __version__
 
 #: names used for parameters and sub-modules inside adapter layers; an adapter may not be called like them
@@ -167,7 +168,8 @@ class AdaptedModel(nn.Module):
         finally:
             for layer, was_disabled, merged in saved:
                 layer.disabled = was_disabled
-                layer.merge(merged)
+                if merged:  # (a layer that cannot merge refuses even an empty list)
+                    layer.merge(merged)
 
     # -------------------------------------------------------------------------------------------- merging
     @property
@@ -277,7 +279,8 @@ class AdaptedModel(nn.Module):
         config = method.config_from_file(values, source)
         was_active = list(self._active)
         try:
-            self.add_adapter(config, adapter_name, trainable=trainable)
+            with reading_file(source):  # a file's target list is read as PEFT reads it
+                self.add_adapter(config, adapter_name, trainable=trainable)
             record = self.adapters[adapter_name]
             if resize_heads:
                 self._resize_heads(adapter_name, io.with_prefix(tensors, source))
