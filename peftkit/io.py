@@ -185,6 +185,22 @@ def check_and_load(base_model: nn.Module, adapter_name: str, found: dict[str, to
     entries = _entries(base_model, adapter_name)
     expected = {key: layer.adapter_tensors(adapter_name)[suffix] for key, (layer, suffix) in entries.items()}
     found = with_prefix(found, source)
+    check_keys(expected, found, source)
+    for key, (layer, suffix) in entries.items():
+        layer.load_tensor(adapter_name, suffix, found[key])
+
+
+def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``found`` into ``expected`` only if keys and shapes agree exactly; otherwise raise, touching nothing."""
+    found = with_prefix(found, source)
+    check_keys(expected, found, source)
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(found[key].to(dtype=param.dtype, device=param.device))
+
+
+def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``AdapterFileError`` listing every missing, unexpected and mis-shaped key."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -203,8 +219,6 @@ def check_and_load(base_model: nn.Module, adapter_name: str, found: dict[str, to
             + "\n".join(parts)
             + "\n  (Was it saved for another base model, or is adapter_config.json out of step with the weights?)"
         )
-    for key, (layer, suffix) in entries.items():
-        layer.load_tensor(adapter_name, suffix, found[key])
 
 
 def with_prefix(found: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
