@@ -2,8 +2,9 @@
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are
 ``base_model.model.<module path>.<suffix>`` (e.g. ``...query.lora_A.weight``), never containing the adapter
-name. ``adapter_state`` is the one function that maps an adapter's live parameters to those keys; saving
-reads through it and loading writes through it, so the two cannot drift apart.
+name. ``_entries`` is the one function that maps an adapter's live parameters to those keys; saving reads through
+it (``saved_state``) and loading writes through it (``check_and_load``), so the two cannot drift apart. A layer
+whose file values differ from its parameters (a trained base bias saved as base + δ) converts both ways itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,16 +39,29 @@ class AdapterContentError(AdapterFileError):
     """An adapter file whose values cannot be used: non-float tensors, NaN or infinite weights."""
 
 
-def adapter_state(base_model: nn.Module, adapter_name: str, trained_base_params: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """File key -> live parameter for one adapter (the single source of truth for save and load)."""
-    state: dict[str, torch.Tensor] = {}
+def _entries(base_model: nn.Module, adapter_name: str) -> dict[str, tuple[AdapterLayer, str]]:
+    """File key -> (adapter layer, suffix) for one adapter."""
+    entries: dict[str, tuple[AdapterLayer, str]] = {}
     for path, module in base_model.named_modules():
         if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
-            for suffix, tensor in module.adapter_tensors(adapter_name).items():
-                state[f"{PREFIX}{logical_path(path)}.{suffix}"] = tensor
-    for name in trained_base_params:
-        state[PREFIX + name] = base_model.get_parameter(name)
-    return state
+            for suffix in module.adapter_tensors(adapter_name):
+                key = f"{PREFIX}{logical_path(path)}.{suffix}"
+                if key in entries:  # two nested layers claiming one key would silently lose a tensor
+                    raise RuntimeError(f"adapter {adapter_name!r}: two layers write the file key {key!r}")
+                entries[key] = (module, suffix)
+    return entries
+
+
+def adapter_state(base_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> live parameter for one adapter (the single source of truth for save and load)."""
+    return {key: layer.adapter_tensors(adapter_name)[suffix]
+            for key, (layer, suffix) in _entries(base_model, adapter_name).items()}
+
+
+def saved_state(base_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> the value to write: each layer's ``saved_tensors`` (e.g. a trained base bias as base + δ)."""
+    return {key: layer.saved_tensors(adapter_name)[suffix]
+            for key, (layer, suffix) in _entries(base_model, adapter_name).items()}
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -294,9 +308,30 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def check_and_load(base_model: nn.Module, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
+    """Set the adapter's parameters from ``found`` only if keys and shapes agree exactly; otherwise raise, touching
+    nothing. Each value goes through its layer's ``load_tensor`` (the inverse of ``saved_tensors``)."""
+    entries = _entries(base_model, adapter_name)
+    expected = {key: layer.adapter_tensors(adapter_name)[suffix] for key, (layer, suffix) in entries.items()}
+    found = with_prefix(found, source)
+    check_keys(expected, found, source)
+    check_values({k: found[k] for k, param in expected.items() if param.is_floating_point()}, source)
+    for key, (layer, suffix) in entries.items():
+        layer.load_tensor(adapter_name, suffix, found[key])
+
+
 def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``found`` into ``expected`` only if keys and shapes agree exactly; otherwise raise, touching nothing."""
     found = with_prefix(found, source)
+    check_keys(expected, found, source)
+    check_values({k: found[k] for k, param in expected.items() if param.is_floating_point()}, source)
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(found[key].to(dtype=param.dtype, device=param.device))
+
+
+def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``AdapterFileError`` listing every missing, unexpected and mis-shaped key."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -315,10 +350,6 @@ def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
             + "\n".join(parts)
             + "\n  (Was it saved for another base model, or is adapter_config.json out of step with the weights?)"
         )
-    check_values({k: found[k] for k, param in expected.items() if param.is_floating_point()}, source)
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(found[key].to(dtype=param.dtype, device=param.device))
 
 
 def check_values(tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -25,6 +25,7 @@ from .layers.modules_to_save import ModulesToSave
 from .merging import MergePlan
 from .methods import Injection, Method, method_for_config, method_for_peft_type
 from .methods.common import set_submodule
+from .targets import reading_file
 from .version import __version__
 
 #: names used for parameters and sub-modules inside adapter layers; an adapter may not be called like them
@@ -147,7 +148,7 @@ class AdaptedModel(nn.Module):
                 param.requires_grad_(train)
 
     def _adapter_params(self, name: str) -> list[torch.Tensor]:
-        return list(io.adapter_state(self.base_model, name, self.adapters[name].injection.trained_base_params).values())
+        return list(io.adapter_state(self.base_model, name).values())
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
@@ -165,8 +166,6 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator["AdaptedModel"]:
         """Run the plain base model inside the block; the previous state (incl. merges) is restored on exit."""
-        if any(r.injection.trained_base_params for r in self.adapters.values()):
-            warnings.warn("adapters that train base biases (bias='all'/'lora_only') cannot be disabled for those biases", stacklevel=3)
         saved = [(layer, layer.disabled, list(layer.merged_adapters)) for _, layer in self.adapter_layers()]
         for layer, _, _ in saved:
             layer.unmerge()
@@ -176,7 +175,8 @@ class AdaptedModel(nn.Module):
         finally:
             for layer, was_disabled, merged in saved:
                 layer.disabled = was_disabled
-                layer.merge(merged)
+                if merged:  # (a layer that cannot merge refuses even an empty list)
+                    layer.merge(merged)
 
     # -------------------------------------------------------------------------------------------- merging
     @property
@@ -242,7 +242,7 @@ class AdaptedModel(nn.Module):
             if name in self.merged_adapters:
                 raise ValueError(f"adapter {name!r} is merged; unmerge() before saving so that its weights are exact")
             directory = Path(path) if name == "default" else Path(path) / name
-            tensors = io.adapter_state(self.base_model, name, record.injection.trained_base_params)
+            tensors = io.saved_state(self.base_model, name)
             export = getattr(record.method, "export_tensors", None)
             if export is not None:
                 tensors = export(tensors, record.injection)
@@ -280,12 +280,16 @@ class AdaptedModel(nn.Module):
         config = method.config_from_file(values, source)
         was_active = list(self._active)
         try:
-            self.add_adapter(config, adapter_name, trainable=trainable)
+            with reading_file(source):  # a file's target list is read as PEFT reads it
+                self.add_adapter(config, adapter_name, trainable=trainable)
             record = self.adapters[adapter_name]
             if resize_heads:
                 self._resize_heads(adapter_name, io.with_prefix(tensors, source))
-            expected = io.adapter_state(self.base_model, adapter_name, record.injection.trained_base_params)
-            io.check_and_copy(expected, tensors, source)
+            tensors = io.with_prefix(tensors, source)
+            importer = getattr(record.method, "import_tensors", None)
+            if importer is not None:
+                tensors = importer(tensors, record.config, record.injection)
+            io.check_and_load(self.base_model, adapter_name, tensors, source)
         except Exception:
             if adapter_name in self.adapters:
                 self.delete_adapter(adapter_name)
@@ -359,6 +363,10 @@ class AdaptedModel(nn.Module):
             if any(hasattr(layer, "is_dora") and layer.is_dora(n) for n in wanted & set(layer.adapter_names)):
                 raise NotImplementedError(f"DoRA adapters cannot be mixed in one batch ({path!r}); run them one at a time")
         row_names = tuple(None if n == BASE else n for n in names)
+        # a layer that cannot mix and holds none of the batch's adapters must not apply its active ones to any row
+        idle = [(layer, layer.active_adapters) for layer in layers if not layer.supports_mixed]
+        for layer, _ in idle:
+            layer.active_adapters = ()
         for layer in layers:
             layer.row_adapters = row_names
         try:
@@ -366,6 +374,8 @@ class AdaptedModel(nn.Module):
         finally:
             for layer in layers:
                 layer.row_adapters = None
+            for layer, active in idle:
+                layer.active_adapters = active
 
     # ----------------------------------------------------------------------------------- training hooks
     def _training_records(self):

@@ -9,13 +9,18 @@ Rules (the same as Hugging Face PEFT's, so that saved configs mean the same thin
   index (the number after ``layers_pattern``, or the first number in the path) is listed;
 - modules inside ``modules_to_save`` are never targets.
 
-A target that matches nothing is an error that lists the closest existing module names.
+A target that matches nothing is an error that lists the closest existing module names; in an adapter FILE's
+config (inside ``reading_file``) it is a warning, as PEFT reads such lists: PEFT itself writes dead entries
+(``classifier.modules_to_save.<adapter>``, ``classifier.original_module``) when several adapters share a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
+import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -30,6 +35,20 @@ TargetSpec = str | Sequence[str] | None
 
 class TargetError(ValueError):
     """A target, exclusion or layer selection that does not fit the model."""
+
+
+#: the adapter file whose config is being applied (None: a user's own config, checked strictly)
+_FILE_SOURCE: ContextVar[str | None] = ContextVar("peftkit_target_file", default=None)
+
+
+@contextlib.contextmanager
+def reading_file(source: str) -> Iterator[None]:
+    """Inside the block, target entries that match no module are warned about (naming ``source``), not refused."""
+    token = _FILE_SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _FILE_SOURCE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -132,11 +151,15 @@ def _check_every_entry_matches(spec: TargetSpec, modules: list[tuple[str, nn.Mod
     entries = [spec] if isinstance(spec, str) else list(spec or [])
     if spec is None or not entries:
         raise TargetError("target_modules is empty: name the modules to adapt, e.g. ['query', 'value'] or 'all-linear'")
-    for entry in entries:
-        if any(matches([entry] if not isinstance(spec, str) else entry, p) for p in paths):
-            continue
+    dead = [e for e in entries if not any(matches([e] if not isinstance(spec, str) else e, p) for p in paths)]
+    source = _FILE_SOURCE.get()
+    if dead and source is not None and len(dead) < len(entries):
+        warnings.warn(f"{source}: target_modules entries {dead} match no module of this model; ignored (as PEFT does)",
+                      stacklevel=4)
+        return
+    if dead:
         kind = "regular expression" if isinstance(spec, str) else "target"
-        raise TargetError(f"{kind} {entry!r} matches no module of the model{_close_matches(entry, paths)}")
+        raise TargetError(f"{kind} {dead[0]!r} matches no module of the model{_close_matches(dead[0], paths)}")
 
 
 def _close_matches(entry: str, paths: Sequence[str]) -> str:

@@ -98,6 +98,16 @@ class AdapterLayer(nn.Module):
         """The adapter's parameters keyed by their file suffix (e.g. ``lora_A.weight``)."""
         raise NotImplementedError
 
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The values written to the adapter file, keyed like ``adapter_tensors`` (by default: the parameters)."""
+        return self.adapter_tensors(name)
+
+    def load_tensor(self, name: str, suffix: str, value: torch.Tensor) -> None:
+        """Set a parameter from its file value (the inverse of ``saved_tensors``)."""
+        param = self.adapter_tensors(name)[suffix]
+        with torch.no_grad():
+            param.copy_(value.to(dtype=param.dtype, device=param.device))
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it")

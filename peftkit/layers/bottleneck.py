@@ -23,6 +23,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 class BottleneckLayer(AdapterLayer):
     adapter_containers = ("adapter_down", "adapter_up")
     mergeable = False
+    supports_mixed = True
 
     def __init__(self, base_layer: nn.Module, width: int) -> None:
         super().__init__(base_layer)
@@ -64,16 +65,34 @@ class BottleneckLayer(AdapterLayer):
             "the base weights; keep the adapter (or train LoRA if you need a merged model)"
         )
 
+    def _delta(self, name: str, x: torch.Tensor, out: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        h = (source if source is not None else x) if self.parallel[name] else out
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        return (up(self.activation[name](down(h.to(down.weight.dtype)))) * self.scale[name]).to(out.dtype)
+
     def forward(self, x, *args, **kwargs):
         out = self.base_layer(x, *args, **kwargs)
         source = self._source_input
         self._source_input = None
+        if self.row_adapters is not None:
+            return self._mixed(x, out, source)
         for name in self._unmerged_active():
-            h = (source if source is not None else x) if self.parallel[name] else out
-            down, up = self.adapter_down[name], self.adapter_up[name]
-            delta = up(self.activation[name](down(h.to(down.weight.dtype)))) * self.scale[name]
-            out = out + delta.to(out.dtype)
+            out = out + self._delta(name, x, out, source)
         return out
+
+    def _mixed(self, x: torch.Tensor, out: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """Each adapter runs on its own rows only (the nonlinearity rules out one gathered matmul)."""
+        self.check_rows(out.shape[0])
+        if self.disabled:
+            return out
+        result = out
+        for name in dict.fromkeys(self.row_adapters):
+            if name is None or name not in self.adapter_down:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=out.device)
+            delta = self._delta(name, x[rows], out[rows], source[rows] if source is not None else None)
+            result = result.index_add(0, rows, delta)
+        return result
 
     def unwrapped(self, merged: bool) -> nn.Module:
         if merged and self.merged_adapters:

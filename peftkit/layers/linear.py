@@ -223,7 +223,8 @@ class LoraLinear(LoraLayer):
         p = self.lora_dropout[name]
         dropped = dropout(x, p, self.training)
         lora = F.linear(F.linear(dropped, A), B) * scaling
-        if dropped is x:  # no dropout: W x is the base output without its bias
+        if dropped is x and self.is_plain_base():  # no dropout: W x is the base output without its bias
+            # (not so when base_layer is another adapter layer, e.g. BitFit's bias change: its output holds more)
             bias = self.base_layer.bias
             base = result.to(A.dtype) - (bias.to(A.dtype) if bias is not None else 0)
         else:

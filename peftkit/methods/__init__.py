@@ -21,7 +21,6 @@ class Injection:
 
     targets: list[str] = field(default_factory=list)  # module paths wrapped by the method's layers
     saved_modules: list[str] = field(default_factory=list)  # modules trained fully (modules_to_save)
-    trained_base_params: list[str] = field(default_factory=list)  # base parameters trained and saved (biases)
     task_type: str | None = None
     state: Any = None  # method-specific training state (e.g. AdaLoRA's rank allocator)
 
@@ -38,7 +37,11 @@ class Method(Protocol):
     def config_from_file(self, values: dict[str, Any], source: str) -> AdapterConfig: ...
 
     # Optional hooks (looked up with getattr): regularization(injection) -> Tensor, added to the training loss;
-    # after_optimizer_step(injection, step); export_tensors(tensors, injection) -> tensors, applied when saving.
+    # after_optimizer_step(injection, step); export_tensors(tensors, injection) -> tensors, applied when saving;
+    # import_tensors(tensors, config, injection) -> tensors, applied to a file's tensors (prefixed keys) before
+    # they are checked against the model and loaded.
+    # Base parameters that an adapter trains (biases, LayerNorms) are never changed in place: the method adds a
+    # per-adapter change of them (layers/bitfit.py), so adapters sharing one base cannot affect each other.
 
 
 _METHODS: dict[str, Method] = {}

@@ -15,11 +15,13 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..config import AdapterConfig, require
-from ..layers.base import AdapterLayer
+from ..layers.base import find_layer
+from ..layers.bitfit import DeltaForm
+from ..layers.modules_to_save import ModulesToSave
 from ..layers.bottleneck import ACTIVATIONS, BottleneckLayer
 from ..targets import TargetError, TargetSpec, base_modules, matches
 from . import Injection, register_method
-from .common import add_modules_to_save, resolve_modules_to_save, set_submodule, task_of
+from .common import add_bias_deltas, add_modules_to_save, resolve_modules_to_save, set_submodule, task_of
 
 VARIANTS = ("houlsby", "pfeiffer", "parallel")
 
@@ -74,11 +76,12 @@ class BottleneckMethod:
                               config.scale, parallel=config.variant == "parallel")
             targets.append(path)
         add_modules_to_save(model, saved, adapter_name)
-        norms = []
-        if config.train_layer_norms:
-            norms = [f"{p}.{n}" for p, m in base_modules(model) if isinstance(m, nn.LayerNorm) and not _under(p, saved)
-                     for n, _ in m.named_parameters(recurse=False)]
-        return Injection(targets=targets, saved_modules=saved, trained_base_params=norms, task_type=task_of(model)[0])
+        if config.train_layer_norms:  # a per-adapter change of each LayerNorm, saved as its full weight and bias
+            norms = [p for p, m in base_modules(model) if isinstance(m, nn.LayerNorm) and m.elementwise_affine
+                     and m.bias is not None and not _under(p, saved)]
+            add_bias_deltas(model, adapter_name, norms,
+                            dict.fromkeys(norms, DeltaForm(bias_key="bias", weight_key="weight", full=True)))
+        return Injection(targets=targets, saved_modules=saved, task_type=task_of(model)[0])
 
     def _placements(self, model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str | None]]:
         modules = [p for p, _ in base_modules(model)]
@@ -109,11 +112,12 @@ class BottleneckMethod:
     @staticmethod
     def _wrap(model: nn.Module, path: str, module: nn.Module, source: str | None) -> BottleneckLayer:
         current = model.get_submodule(path)
-        if isinstance(current, BottleneckLayer):
-            return current
-        if isinstance(current, AdapterLayer):
-            raise TargetError(f"module {path!r} already holds a {type(current).__name__}; a bottleneck adapter cannot wrap it")
-        width = _output_width(module)
+        existing = find_layer(current, BottleneckLayer)
+        if existing is not None:
+            return existing
+        if isinstance(current, ModulesToSave):
+            raise TargetError(f"module {path!r} is trained whole (modules_to_save); a bottleneck adapter cannot wrap it")
+        width = _output_width(module)  # around other adapter layers (LoRA, BitFit): they nest
         layer = BottleneckLayer(current, width)
         set_submodule(model, path, layer)
         if source is not None:

@@ -1,4 +1,4 @@
-"""Injection steps that several methods share: wrapping a module, task heads, modules_to_save, biases."""
+"""Injection steps that several methods share: wrapping a module, task heads, modules_to_save, trained base biases."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Sequence
 from torch import nn
 
 from ..layers.base import AdapterLayer, LayerRegistry, find_layer
+from ..layers.bitfit import BITFIT_LAYERS, DeltaForm
 from ..layers.modules_to_save import ModulesToSave
 from ..targets import TargetError, _close_matches, base_modules, matches
 
@@ -88,31 +89,29 @@ def add_modules_to_save(model: nn.Module, paths: Sequence[str], adapter_name: st
         current.add_adapter(adapter_name)
 
 
-def bias_parameters(model: nn.Module, targets: Sequence[str], mode: str) -> list[str]:
-    """Names of the base biases that train with the adapter: none, all, or those of the adapted layers."""
+def add_bias_deltas(model: nn.Module, adapter_name: str, paths: Sequence[str], forms: dict[str, DeltaForm]) -> None:
+    """Give ``adapter_name`` its own change of the bias (and LayerNorm weight) of each module in ``paths``,
+    nested with any other adapter layers there; ``forms[path]`` says how the change is saved."""
+    for path in paths:
+        wrap(model, path, BITFIT_LAYERS).add_adapter(adapter_name, forms[path])
+
+
+def bias_modules(model: nn.Module, targets: Sequence[str], mode: str) -> list[str]:
+    """Paths of the modules whose bias trains with the adapter: none, those of the adapted layers, or all
+    (except trained-whole modules such as the task head, whose copy trains anyway)."""
     if mode == "none":
         return []
-    if mode == "lora_only":
-        names = {id(p): n for n, p in model.named_parameters()}
-        biases = [getattr(model.get_submodule(t).inner, "bias", None) for t in targets]
-        return [names[id(b)] for b in biases if b is not None]
-    names = []
-    for path, module in _modules_outside_wrappers(model):
-        if isinstance(module, ModulesToSave):
+    candidates = list(targets) if mode == "lora_only" else [p for p, _ in base_modules(model)]
+    chosen = []
+    for path in candidates:
+        current = model.get_submodule(path)
+        inner = current.inner if isinstance(current, AdapterLayer) else current
+        if isinstance(current, ModulesToSave) or not isinstance(getattr(inner, "bias", None), nn.Parameter):
             continue
-        for pname, param in module.named_parameters(recurse=False):
-            if pname == "bias" and param is not None:
-                names.append(f"{path}.{pname}" if path else pname)
-    return names
-
-
-def _modules_outside_wrappers(model: nn.Module, prefix: str = ""):
-    """Every module, where an adapter layer stands for itself and its base layer (not its adapter params)."""
-    yield prefix.rstrip("."), model
-    for name, child in model.named_children():
-        if isinstance(child, ModulesToSave):
-            continue
-        if isinstance(child, AdapterLayer):
-            yield f"{prefix}{name}.base_layer", child.base_layer
-            continue
-        yield from _modules_outside_wrappers(child, f"{prefix}{name}.")
+        if BITFIT_LAYERS.lookup(inner) is None:
+            raise TargetError(
+                f"bias={mode!r}: module {path!r} is a {type(inner).__name__}, whose bias peftkit cannot train per "
+                f"adapter (supported: {', '.join(BITFIT_LAYERS.supported())}); use bias='lora_only' or 'none'"
+            )
+        chosen.append(path)
+    return chosen

@@ -19,9 +19,11 @@ from ..layers.base import AdapterLayer, find_layer
 from ..layers.linear import LoraConv1D, LoraLinear
 from ..layers.lora import LORA_LAYERS
 from ..layers.siblings import group_siblings
+from ..io import PREFIX
 from ..targets import Selection, TargetSpec, compact, select
 from . import Injection, register_method
-from .common import add_modules_to_save, bias_parameters, resolve_modules_to_save, task_of, wrap
+from ..layers.bitfit import DeltaForm
+from .common import add_bias_deltas, add_modules_to_save, bias_modules, resolve_modules_to_save, task_of, wrap
 
 #: default targets by transformers ``model_type`` (the attention query and value projections)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -135,14 +137,14 @@ class LoraMethod:
             except ValueError as err:
                 raise ValueError(f"{path!r}: {err}") from None
         add_modules_to_save(model, saved, adapter_name)
+        # trained biases: a per-adapter change, saved as PEFT does (the full value, under the base bias's key)
+        biases = bias_modules(model, targets, config.bias)
+        add_bias_deltas(model, adapter_name, biases, {
+            path: DeltaForm(bias_key="base_layer.bias" if path in targets else "bias", full=True) for path in biases
+        })
         for layer_type in (LoraLinear, LoraConv1D):
             group_siblings(model, layer_type)
-        return Injection(
-            targets=targets,
-            saved_modules=saved,
-            trained_base_params=bias_parameters(model, targets, config.bias),
-            task_type=task_of(model)[0],
-        )
+        return Injection(targets=targets, saved_modules=saved, task_type=task_of(model)[0])
 
     def add_to_layer(self, layer: AdapterLayer, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
         layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
@@ -187,6 +189,16 @@ class LoraMethod:
         "megatron_core", "qalora_group_size", "arrow_config", "kasa_config", "monteclora_config", "velora_config",
         "ensure_weight_tying", "modules_to_tie",
     }
+
+    def import_tensors(self, tensors: dict[str, Any], config: LoraConfig, injection: Injection) -> dict[str, Any]:
+        """PEFT files with ``bias != "none"`` also hold the biases of its modules_to_save wrapper's two inner
+        modules: the trained copy's (the same values as ``<head>.bias``) and the untouched original's. Both are
+        dropped: the head copy loads from ``<head>.bias``, and the shared base head stays as it is."""
+        if config.bias == "none":
+            return tensors
+        extra = {f"{PREFIX}{path}.{inner}.bias" for path in injection.saved_modules
+                 for inner in ("modules_to_save", "original_module")}
+        return {key: value for key, value in tensors.items() if key not in extra}
 
     def config_from_file(self, values: dict[str, Any], source: str) -> LoraConfig:
         for key, neutral in self.UNSUPPORTED.items():
