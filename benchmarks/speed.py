@@ -8,6 +8,9 @@ fresh process (peak RSS over 3 training steps, minus RSS with the model loaded a
     python benchmarks/speed.py                 # full run, appends the table to benchmarks/RESULTS.md
     python benchmarks/speed.py --repeats 3 --no-memory --no-append   # a quick look
 
+"fast mode" rows apply ``peftkit.fast_training`` (fast dropout masks for the base model's own dropouts and
+attention dropout) to both sides: to the PEFT model as well as to peftkit's, so each row compares like with like.
+
 The "floor" is the frozen base model with gradients flowing down to the embeddings: forward plus the
 activation-gradient backward, no weight gradients. Every method that keeps the base model's own computation
 pays at least that.
@@ -55,7 +58,12 @@ TRAIN = [
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 autocast", "peftkit", "all-linear", 0.1, bf16="autocast"),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast", "peft", "all-linear", 0.1, bf16="base"),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast", "peftkit", "all-linear", 0.1, bf16="base"),
+    # fast mode changes the base model's own dropout (and attention dropout): PEFT gets the same
+    # peftkit.fast_training call, so that each fast row compares like with like
+    Workload("LoRA all-linear r=8 dropout 0.1, fast mode", "peft", "all-linear", 0.1, fast=True),
     Workload("LoRA all-linear r=8 dropout 0.1, fast mode", "peftkit", "all-linear", 0.1, fast=True),
+    Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast, fast mode", "peft", "all-linear", 0.1,
+             bf16="base", fast=True),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast, fast mode", "peftkit", "all-linear", 0.1,
              bf16="base", fast=True),
 ]
@@ -96,8 +104,12 @@ def build(work: Workload, device: str) -> torch.nn.Module:
             model.enable_gradient_checkpointing()
         if work.bf16 == "base":
             model.cast_frozen(torch.bfloat16)
-        if work.fast:
-            peftkit.fast_training(model)
+    if work.fast:
+        import peftkit
+
+        # on a PEFT model too: every nn.Dropout (the base model's and PEFT's lora_dropout) and SDPA attention
+        # dropout use the fast mask, as in peftkit's fast mode
+        peftkit.fast_training(model)
     if work.checkpointing and work.impl != "peftkit":
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

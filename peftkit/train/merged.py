@@ -47,7 +47,8 @@ def _readme(marker: dict, plain: nn.Module, pooled: bool) -> str:
     arch = type(plain.encoder if pooled else plain).__name__
     n, hidden = len(marker["labels"]), plain.config.hidden_size
     head = (f"Merged from the peftkit run `{marker['merged_from']}` (method `{marker['method']}`, base model "
-            f"`{marker['base_model']}`): the adapter is folded into the weights; nothing here needs peftkit.\n")
+            f"`{marker['base_model']}`): the trained weights, any adapter folded into them; nothing here needs "
+            "peftkit.\n")
     common = ("- tokenizer files: `AutoTokenizer.from_pretrained(this folder)`; the run truncated texts to "
               f"{marker['max_length']} tokens.\n"
               "- `peftkit_head.json`: labels, pooling and the run's text settings (read by `peftkit predict/eval "
