@@ -7,6 +7,10 @@ fresh process (peak RSS over 3 training steps, minus RSS with the model loaded a
 
     python benchmarks/speed.py                 # full run, appends the table to benchmarks/RESULTS.md
     python benchmarks/speed.py --repeats 3 --no-memory --no-append   # a quick look
+    python benchmarks/speed.py --only "fast mode" --repeats 1 --no-memory --no-inference --no-append  # some rows
+
+"fast mode" rows apply ``peftkit.fast_training`` (fast dropout masks for the base model's own dropouts and
+attention dropout) to both sides: to the PEFT model as well as to peftkit's, so each row compares like with like.
 
 The "floor" is the frozen base model with gradients flowing down to the embeddings: forward plus the
 activation-gradient backward, no weight gradients. Every method that keeps the base model's own computation
@@ -55,7 +59,12 @@ TRAIN = [
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 autocast", "peftkit", "all-linear", 0.1, bf16="autocast"),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast", "peft", "all-linear", 0.1, bf16="base"),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast", "peftkit", "all-linear", 0.1, bf16="base"),
+    # fast mode changes the base model's own dropout (and attention dropout): PEFT gets the same
+    # peftkit.fast_training call, so that each fast row compares like with like
+    Workload("LoRA all-linear r=8 dropout 0.1, fast mode", "peft", "all-linear", 0.1, fast=True),
     Workload("LoRA all-linear r=8 dropout 0.1, fast mode", "peftkit", "all-linear", 0.1, fast=True),
+    Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast, fast mode", "peft", "all-linear", 0.1,
+             bf16="base", fast=True),
     Workload("LoRA all-linear r=8 dropout 0.1, bf16 base + autocast, fast mode", "peftkit", "all-linear", 0.1,
              bf16="base", fast=True),
 ]
@@ -96,8 +105,12 @@ def build(work: Workload, device: str) -> torch.nn.Module:
             model.enable_gradient_checkpointing()
         if work.bf16 == "base":
             model.cast_frozen(torch.bfloat16)
-        if work.fast:
-            peftkit.fast_training(model)
+    if work.fast:
+        import peftkit
+
+        # on a PEFT model too: every nn.Dropout (the base model's and PEFT's lora_dropout) and SDPA attention
+        # dropout use the fast mask, as in peftkit's fast mode
+        peftkit.fast_training(model)
     if work.checkpointing and work.impl != "peftkit":
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -213,6 +226,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--only", help="time only the training rows whose name contains this text (and the floor)")
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's malloc trimming on (see peftkit/ops/memory.py); by default the benchmark "
                              "keeps freed memory, so that workloads of different sizes do not fault each other's pages in")
@@ -232,6 +246,8 @@ def main() -> None:
     inputs = train_inputs(args.device)
     steps = {}
     for work in TRAIN:
+        if args.only and args.only not in work.name and work.impl != "floor":
+            continue
         steps[(work.name, work.impl)] = train_step(build(work, args.device), inputs, work, args.device)
     times = common.interleaved({f"{k[1]}|{k[0]}": v for k, v in steps.items()}, args.repeats)
     med = {tuple(reversed(k.split("|", 1))): common.median(v) for k, v in times.items()}
@@ -246,10 +262,11 @@ def main() -> None:
         (rss, live), (floor_rss, floor_live) = value, floor_mem
         return f"{rss:+.2f} GB ({rss / floor_rss:.2f}×), live {live:.2f} GB ({live / floor_live:.2f}×)"
 
-    rows = [["floor (frozen base, input gradients)", "–", f"{floor:.3f}", "–", "–", "1.00", mem("floor", "floor")],
-            ["full fine-tuning", "–", f"{med[('full fine-tuning', 'full')]:.3f}", "–", "–",
-             f"{med[('full fine-tuning', 'full')] / floor:.2f}", mem("full fine-tuning", "full")]]
-    for name in dict.fromkeys(w.name for w in TRAIN if w.impl == "peftkit"):
+    rows = [["floor (frozen base, input gradients)", "–", f"{floor:.3f}", "–", "–", "1.00", mem("floor", "floor")]]
+    if ("full fine-tuning", "full") in med:
+        rows.append(["full fine-tuning", "–", f"{med[('full fine-tuning', 'full')]:.3f}", "–", "–",
+                     f"{med[('full fine-tuning', 'full')] / floor:.2f}", mem("full fine-tuning", "full")])
+    for name in dict.fromkeys(w.name for w in TRAIN if w.impl == "peftkit" and (w.name, w.impl) in med):
         ours, theirs = med[(name, "peftkit")], med.get((name, "peft"))
         if theirs is None:
             rows.append([name, "–", f"{ours:.3f}", "–", "–", f"{ours / floor:.2f}", f"peftkit {mem(name, 'peftkit')}"])

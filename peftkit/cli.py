@@ -108,13 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a run on a labelled file")
-    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--run", required=True, help="a run folder, or a folder written by peftkit merge")
     evaluate.add_argument("--data", required=True)
     _column_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     predict = commands.add_parser("predict", help="labels and probabilities for texts")
-    predict.add_argument("--run", required=True)
+    predict.add_argument("--run", required=True, help="a run folder, or a folder written by peftkit merge")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a .csv/.tsv/.jsonl file (labels not needed)")
     source.add_argument("--text", action="append", help="a text (repeat for several)")
@@ -123,13 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     _column_arguments(predict)
     predict.set_defaults(handler=_predict)
 
-    merge = commands.add_parser("merge", help="write the run as a plain transformers model")
+    merge = commands.add_parser("merge", help="write the run as a transformers model folder (its README.md says what is in it)")
     merge.add_argument("--run", required=True)
     merge.add_argument("--out", required=True)
     merge.set_defaults(handler=_merge)
 
     serve = commands.add_parser("serve", help="serve many adapters from one base model over HTTP")
-    serve.add_argument("--base", required=True, help="the base model folder, or 'minilm'")
+    serve.add_argument("--base", required=True, help="the base model folder (a merged folder too), or 'minilm'")
     serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -8,6 +8,10 @@ was never trained; classifying through it throws information away. ``pooling``:
 - ``"cls"`` / ``"mean"``: the encoder's last hidden states, first token or attention-masked mean, then dropout and a
   linear classifier (``PooledForSequenceClassification``);
 - ``"auto"``: the model's own sentence-transformers pooling (``1_Pooling/config.json``) when it has one, else pooler.
+
+A ``PooledForSequenceClassification`` is saved (``peftkit merge``) as the encoder's own transformers folder, the
+linear head in ``classifier.safetensors`` and the pooling in ``1_Pooling/config.json``; ``build_classifier`` with
+``num_labels=None`` reads such a folder back whole.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 from torch import nn
 
 POOLINGS = ("auto", "pooler", "cls", "mean")
+CLASSIFIER_FILE = "classifier.safetensors"
+POOLING_CONFIG = Path("1_Pooling") / "config.json"
 
 
 def resolve_pooling(model_path: str | Path, pooling: str) -> str:
@@ -84,17 +90,59 @@ class PooledForSequenceClassification(nn.Module):
         pooled = self.pool(out.last_hidden_state, attention_mask)
         return self.classify(pooled, labels, getattr(out, "hidden_states", None))
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """The encoder as a transformers folder, the head as ``classifier.safetensors`` (``weight`` [labels, hidden],
+        ``bias`` [labels]) and the pooling in sentence-transformers' ``1_Pooling/config.json``."""
+        from safetensors.torch import save_file
 
-def build_classifier(model_path: str | Path, num_labels: int, pooling: str = "auto", **labels_kwargs) -> nn.Module:
-    """A sequence classifier over a pretrained encoder; its new head is initialised at random."""
+        path = Path(path)
+        self.encoder.save_pretrained(path)
+        save_file({k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()}, str(path / CLASSIFIER_FILE))
+        (path / POOLING_CONFIG).parent.mkdir(parents=True, exist_ok=True)
+        (path / POOLING_CONFIG).write_text(json.dumps({
+            "word_embedding_dimension": self.encoder.config.hidden_size,
+            "pooling_mode_cls_token": self.pooling == "cls", "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+
+    def load_head(self, path: str | Path) -> "PooledForSequenceClassification":
+        """Load a trained ``classifier.safetensors`` (strict: keys and shapes must match)."""
+        from safetensors.torch import load_file
+
+        from .io import AdapterFileError
+
+        tensors = load_file(str(path))
+        hidden = self.encoder.config.hidden_size
+        weight = tensors.get("weight")
+        if set(tensors) != {"weight", "bias"} or weight is None or weight.ndim != 2 or weight.shape[1] != hidden \
+                or tensors["bias"].shape != (weight.shape[0],):
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            raise AdapterFileError(f"{path}: expected weight [labels, {hidden}] and bias [labels], found {shapes}")
+        self.classifier = nn.Linear(hidden, weight.shape[0])
+        self.classifier.load_state_dict(tensors)
+        self.num_labels = weight.shape[0]
+        for param in self.classifier.parameters():
+            param._is_hf_initialized = True  # marks a trained head, as transformers marks loaded weights
+        return self
+
+
+def build_classifier(model_path: str | Path, num_labels: int | None, pooling: str = "auto",
+                     **labels_kwargs) -> nn.Module:
+    """A sequence classifier over a pretrained encoder; its new head of ``num_labels`` is initialised at random.
+    ``num_labels=None`` keeps the folder's own head: a trained one if it has one (a ``...ForSequenceClassification``
+    checkpoint, or a merged folder's ``classifier.safetensors``), else a random one of the config's size."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     pooling = resolve_pooling(model_path, pooling)
     if pooling == "pooler":
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, **labels_kwargs)
+        sized = {} if num_labels is None else {"num_labels": num_labels}
+        return AutoModelForSequenceClassification.from_pretrained(model_path, **sized, **labels_kwargs)
     encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False) if _has_pooler_arg(model_path) \
         else AutoModel.from_pretrained(model_path)
-    return PooledForSequenceClassification(encoder, num_labels, pooling)
+    model = PooledForSequenceClassification(encoder, num_labels or encoder.config.num_labels, pooling)
+    head = Path(model_path) / CLASSIFIER_FILE
+    if num_labels is None and head.is_file():
+        model.load_head(head)
+    return model
 
 
 def _has_pooler_arg(model_path) -> bool:

@@ -70,7 +70,7 @@ class ServedModel:
         self.pooling = resolve_pooling(self.base_path, pooling)
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        task = build_classifier(self.base_path, num_labels=2, pooling=self.pooling)
+        task = build_classifier(self.base_path, num_labels=None, pooling=self.pooling)  # keeps a trained head
         self.base_labels = self._trained_head_labels(task)
         self.model = AdaptedModel(task).eval()  # and every adapter added later follows this mode (no dropout)
         self.fingerprint = base_fingerprint(task)

@@ -1,4 +1,8 @@
-"""A finished run folder, reopened: its model for evaluation, prediction and merging."""
+"""A finished run folder, reopened: its model for evaluation, prediction and merging.
+
+A folder written by ``peftkit merge`` opens the same way (``Run(merged)``): its model is read whole from the
+folder, with the labels and text settings the merge recorded (``merged.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import yaml
 
 from .. import data as D
 from ..io import recover_dir, write_json
+from . import merged as M
 from .config import ConfigProblem, RunConfig
 from .methods import ADAPTER_DIR, MODEL_DIR, get as get_method
 from .trainer import CONFIG_FILE, LABELS_FILE, REPORT_FILE, build_model, resolve_model
@@ -21,8 +26,15 @@ from .trainer import CONFIG_FILE, LABELS_FILE, REPORT_FILE, build_model, resolve
 class Run:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._model = None
+        self._tokenizer = None
+        self.merged = not (self.path / CONFIG_FILE).is_file() and (self.path / M.MARKER).is_file()
+        if self.merged:
+            self._open_merged()
+            return
         if not (self.path / CONFIG_FILE).is_file() or not (self.path / LABELS_FILE).is_file():
-            raise D.DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {LABELS_FILE} are expected)")
+            raise D.DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {LABELS_FILE} are expected) "
+                              f"nor a folder written by `peftkit merge` ({M.MARKER} is expected)")
         try:
             stored = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
             self.config = RunConfig.model_validate(stored, context={"stored": True})  # as written by an older version too
@@ -33,8 +45,16 @@ class Run:
         self.labels = D.LabelMap.from_dict(json.loads((self.path / LABELS_FILE).read_text(encoding="utf-8")))
         report = self.path / REPORT_FILE
         self.report = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
-        self._model = None
-        self._tokenizer = None
+
+    def _open_merged(self) -> None:
+        try:
+            marker = M.read_marker(self.path)
+            carried = {key: marker[key] for key in M.CARRIED if key in marker}
+            self.config = RunConfig.model_validate({"model": str(self.path), "pooling": marker["pooling"], **carried})
+            self.labels = D.LabelMap(marker["labels"])
+        except Exception as err:
+            raise ConfigProblem(f"{self.path / M.MARKER}: {err}") from None
+        self.report = {}
 
     @property
     def model_path(self) -> str:
@@ -51,9 +71,22 @@ class Run:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            fresh = build_model(self.config, self.model_path, self.labels, prepare=False)
-            self._model = get_method(self.config.method).load(fresh, self.path).eval()
+            if self.merged:
+                self._model = self._merged_model()
+            else:
+                fresh = build_model(self.config, self.model_path, self.labels, prepare=False)
+                self._model = get_method(self.config.method).load(fresh, self.path).eval()
         return self._model
+
+    def _merged_model(self) -> torch.nn.Module:
+        from ..heads import build_classifier
+
+        model = build_classifier(self.path, None, self.config.pooling).eval()  # the folder's own trained head
+        outputs = model.num_labels if hasattr(model, "num_labels") else model.config.num_labels
+        if outputs != len(self.labels):
+            raise D.DataError(f"{self.path}: the model has {outputs} outputs but {M.MARKER} lists {len(self.labels)} "
+                              "labels; merge the run again")
+        return model
 
     def probabilities(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
         examples = [D.Example(t, pairs[i] if pairs else None, None, i + 1) for i, t in enumerate(texts)]
@@ -82,38 +115,35 @@ class Run:
         return result
 
     def merge(self, out: str | Path) -> Path:
-        """A plain model (no adapter wrappers) with the tokenizer, written whole, then renamed into place."""
-        from ..heads import PooledForSequenceClassification
-
+        """The model without adapter wrappers, with the tokenizer, written whole, then renamed into place: a
+        transformers sequence classifier (pooling ``pooler``), or encoder + pooling + head (see ``merged.py``)."""
         out = Path(out)
+        if self.merged:
+            raise D.DataError(f"{self.path} is already a merged model; copy the folder instead of merging it again")
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty; choose another --out")
         plain = get_method(self.config.method).merged(self.model)
+        self._model = None  # merging changed the loaded model in place
         tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if isinstance(plain, PooledForSequenceClassification):
-            # the encoder is a plain transformers model; the pooling and the linear head sit beside it
-            from safetensors.torch import save_file
-
-            plain.encoder.save_pretrained(tmp)
-            save_file({k: v.detach().contiguous() for k, v in plain.classifier.state_dict().items()},
-                      str(tmp / "classifier.safetensors"))
-            write_json(tmp / "peftkit_head.json", {"pooling": plain.pooling, "labels": self.labels.names})
-        else:
-            plain.config.id2label = dict(enumerate(self.labels.names))
-            plain.config.label2id = {name: i for i, name in enumerate(self.labels.names)}
-            plain.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            M.write(tmp, plain, self.labels.names, self.config, self.path, self.tokenizer)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out
 
     def info(self) -> dict:
         report = self.report
         out = {"run": str(self.path), "method": self.config.method, "base model": self.config.model,
                "pooling": self.config.pooling, "labels": self.labels.names}
+        if self.merged:
+            marker = M.read_marker(self.path)
+            out.update({"base model": marker.get("base_model", "?"), "merged from": marker.get("merged_from", "?")})
         if "trainable_parameters" in report:
             out["trainable"] = (f"{report['trainable_parameters']:,} of {report['total_parameters']:,} "
                                 f"({100 * report['trainable_share']:.3f}%)")
