@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from .. import data as D
-from ..io import recover_dir, write_json
+from ..io import recover_dir
 from . import merged as M
 from .config import ConfigProblem, RunConfig
 from .methods import ADAPTER_DIR, MODEL_DIR, get as get_method
