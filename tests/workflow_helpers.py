@@ -65,7 +65,8 @@ class Snapshot:
 
     step: int
     probabilities: torch.Tensor  # dev rows in file order, computed by the trainer itself
-    state: dict[str, torch.Tensor]  # trainable parameters
+    state: dict[str, torch.Tensor]  # trainable parameters (copies)
+    model: torch.nn.Module  # the training model itself (not a copy), to inspect its modules
 
 
 class Probe:
@@ -96,7 +97,7 @@ class Probe:
     def snapshot(trainer) -> Snapshot:
         logits, _ = trainer.predict("dev")
         state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        return Snapshot(trainer.state["step"], torch.softmax(logits, -1), state)
+        return Snapshot(trainer.state["step"], torch.softmax(logits, -1), state, trainer.model)
 
     @property
     def trainer(self):
