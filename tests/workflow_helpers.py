@@ -67,6 +67,7 @@ class Snapshot:
     probabilities: torch.Tensor  # dev rows in file order, computed by the trainer itself
     state: dict[str, torch.Tensor]  # trainable parameters (copies)
     model: torch.nn.Module  # the training model itself (not a copy), to inspect its modules
+    test_probabilities: torch.Tensor | None = None  # test rows, when the run has a test file
 
 
 class Probe:
@@ -96,8 +97,9 @@ class Probe:
     @staticmethod
     def snapshot(trainer) -> Snapshot:
         logits, _ = trainer.predict("dev")
+        test = torch.softmax(trainer.predict("test")[0], -1) if trainer.features["test"] else None
         state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        return Snapshot(trainer.state["step"], torch.softmax(logits, -1), state, trainer.model)
+        return Snapshot(trainer.state["step"], torch.softmax(logits, -1), state, trainer.model, test)
 
     @property
     def trainer(self):
