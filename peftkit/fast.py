@@ -55,9 +55,13 @@ def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _hf_attention)
+    # transformers builds no mask at all (padding ignored) for an implementation without a mask function
+    if ATTENTION_NAME not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def fast_training(model: nn.Module, enable: bool = True) -> nn.Module:
@@ -73,12 +77,14 @@ def fast_training(model: nn.Module, enable: bool = True) -> nn.Module:
                 setattr(parent, name, FastDropout(child))
             elif not enable and isinstance(child, FastDropout):
                 setattr(parent, name, child.original)
-    config = getattr(base, "config", None)
-    if config is not None and hasattr(base, "set_attn_implementation"):
+    # the outermost transformers model: the base itself, or the encoder inside a peftkit pooled classifier
+    hf_model = next((m for m in base.modules() if hasattr(m, "set_attn_implementation")), None)
+    config = getattr(hf_model, "config", None)
+    if config is not None:
         current = getattr(config, "_attn_implementation", None)
         if enable and current == "sdpa":
             _register_attention()
-            base.set_attn_implementation(ATTENTION_NAME)
+            hf_model.set_attn_implementation(ATTENTION_NAME)
         elif not enable and current == ATTENTION_NAME:
-            base.set_attn_implementation("sdpa")
+            hf_model.set_attn_implementation("sdpa")
     return model

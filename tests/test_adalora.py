@@ -90,7 +90,8 @@ def test_save_prunes_to_the_kept_ranks_and_load_resizes(tmp_path):
 
 @pytest.mark.parametrize("build,targets", [(tiny_bert, ["query", "value"]), (tiny_gpt2, ["c_attn"])])
 def test_adalora_files_work_with_peft_both_ways(build, targets, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency: a missing peft fails here instead of skipping
+
     ids = BERT_X
     ours = peftkit.adapt(build(), AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets))
     randomize(ours, scale=0.1)

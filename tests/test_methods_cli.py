@@ -13,7 +13,7 @@ import peftkit
 from peftkit.cli import main
 from peftkit.train.run import Run
 
-from workflow_helpers import intent_rows, tiny_model_dir, write_csv
+from workflow_helpers import Probe, intent_rows, read_texts, tiny_model_dir, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +30,37 @@ def args(files, out, *extra):
 
 
 @pytest.mark.parametrize("extra", [
+    ["--method", "lora", "--lora.r", "4"],
     ["--method", "dora", "--dora.r", "4"],
     ["--method", "adalora", "--adalora.init_r", "4", "--adalora.target_r", "2"],
     ["--method", "bottleneck", "--bottleneck.variant", "houlsby", "--bottleneck.reduction_factor", "4"],
     ["--method", "bottleneck", "--bottleneck.variant", "pfeiffer"],
     ["--method", "bottleneck", "--bottleneck.variant", "parallel"],
     ["--method", "bitfit"],
+    ["--method", "head"],
     ["--method", "head", "--head.cache_features", "true"],
+    ["--method", "full", "--learning_rate", "1e-3"],
     ["--method", "lora", "--distill.teacher", "base", "--distill.alpha", "0.3"],
-], ids=["dora", "adalora", "houlsby", "pfeiffer", "parallel", "bitfit", "head-cached", "lora-distill"])
-def test_method_trains_saves_and_reloads_identically(files, tmp_path, extra):
+], ids=["lora", "dora", "adalora", "houlsby", "pfeiffer", "parallel", "bitfit", "head", "head-cached", "full",
+        "lora-distill"])
+def test_method_run_folder_reproduces_the_model_trained_in_memory(files, tmp_path, monkeypatch, extra):
+    """The files of the run, reloaded into a fresh base model, give the dev probabilities that the trainer's own
+    in-memory model gave when it was saved as the best one (not another reload of the same files)."""
+    probe = Probe(monkeypatch)
     out = tmp_path / "run"
     assert main(args(files, out, *extra)) == 0
     report = json.loads((out / "report.json").read_text())
-    assert (out / "adapter" / "adapter_config.json").exists()
-    reloaded = Run(out).evaluate(files["dev"])  # a fresh base model + the saved adapter
-    assert reloaded["loss"] == pytest.approx(report["dev"]["loss"], abs=1e-5)
-    assert reloaded["accuracy"] == report["dev"]["accuracy"]
+    assert probe.best, "the trainer never saved a best model"
+    best = probe.best[-1]
+    assert report["best_step"] == best.step
+    texts = read_texts(files["dev"])
+    torch.testing.assert_close(Run(out).probabilities(texts), best.probabilities, atol=1e-5, rtol=1e-4)
+    # and the report describes that model
+    targets = probe.trainer.targets["dev"]
+    correct = sum(int(p == t) for p, t in zip(best.probabilities.argmax(-1).tolist(), targets))
+    assert report["dev"]["accuracy"] == pytest.approx(correct / len(targets), abs=1e-9)
+    in_memory_loss = torch.nn.functional.nll_loss(best.probabilities.log(), torch.tensor(targets)).item()
+    assert report["dev"]["loss"] == pytest.approx(in_memory_loss, abs=1e-5)
 
 
 def test_adalora_budget_shrinks_over_the_derived_run_length(files, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import peft
 import pytest
 import torch
 
@@ -12,8 +13,6 @@ import peftkit
 from peftkit import io
 
 from conftest import randomize, run, tiny_bert, tiny_gpt2, tiny_llama
-
-peft = pytest.importorskip("peft")
 
 BERT_X = {"input_ids": torch.tensor([[5, 17, 3, 44, 9, 2], [8, 1, 66, 23, 7, 0]]),
           "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])}

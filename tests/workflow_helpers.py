@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,3 +56,67 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     return path
+
+
+# ------------------------------------------------------------------------------------ in-process training
+@dataclass
+class Snapshot:
+    """The in-memory model at the moment the trainer saved it as the best model."""
+
+    step: int
+    probabilities: torch.Tensor  # dev rows in file order, computed by the trainer itself
+    state: dict[str, torch.Tensor]  # trainable parameters (copies)
+    model: torch.nn.Module  # the training model itself (not a copy), to inspect its modules
+    test_probabilities: torch.Tensor | None = None  # test rows, when the run has a test file
+
+
+class Probe:
+    """Runs ``peftkit train`` in this process (through ``cli.main``) and records the model the trainer held in
+    memory each time it saved the best model, so that a test can compare the files with what was trained
+    rather than with another reload of the same files."""
+
+    def __init__(self, monkeypatch) -> None:
+        from peftkit.train.trainer import Trainer
+
+        self.trainers: list = []
+        self.best: list[Snapshot] = []
+        probe, save_model, train = self, Trainer._save_model, Trainer.train
+
+        def recording_save(trainer, directory):
+            if Path(directory).name == "best":
+                probe.best.append(probe.snapshot(trainer))
+            return save_model(trainer, directory)
+
+        def recording_train(trainer):
+            probe.trainers.append(trainer)
+            return train(trainer)
+
+        monkeypatch.setattr(Trainer, "_save_model", recording_save)
+        monkeypatch.setattr(Trainer, "train", recording_train)
+
+    @staticmethod
+    def snapshot(trainer) -> Snapshot:
+        logits, _ = trainer.predict("dev")
+        test = torch.softmax(trainer.predict("test")[0], -1) if trainer.features["test"] else None
+        state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return Snapshot(trainer.state["step"], torch.softmax(logits, -1), state, trainer.model, test)
+
+    @property
+    def trainer(self):
+        assert len(self.trainers) == 1, "expected one training run"
+        return self.trainers[0]
+
+
+def read_texts(path: Path, column: str = "text") -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row[column] for row in csv.DictReader(handle)]
+
+
+def train_history(report: dict) -> list[dict]:
+    return [h for h in report["history"] if "train_loss" in h]
+
+
+def dev_history(report: dict) -> list[dict]:
+    return [h for h in report["history"] if "dev_loss" in h]

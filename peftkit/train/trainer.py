@@ -72,9 +72,10 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         self.model = build_model(config, model_path, datasets.labels, run_info={"total_steps": self.total_steps})
+        self.wrapped = dist.wrap(self.model, self.env, config.distributed)
+        # after wrapping: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.wrapped = dist.wrap(self.model, self.env, config.distributed)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.peak_learning_rate, weight_decay=config.weight_decay)
         self.method_store: dict = {}  # e.g. cached features of head-only training
         self.distiller = None
@@ -309,11 +310,13 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         with dist.gather_for_save(self.model, self.env, self.config.distributed):
+            opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
+            # whole optimizer moments: under FSDP2 they are shards, and gathering them is a collective on every rank
+            opt_tensors = {key: dist.full(value) for key, value in opt_tensors.items()}
             if not self.env.main:
                 return
             check_savable(self._trainable_tensors(), "checkpoint", self._advice())
             tensors = {f"param.{n}": p.detach().clone() for n, p in self._trainable_tensors()}
-        opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
         rng_tensors, rng_plain = C.rng_state()
         method_plain = {}
         for name, state in self._method_states():
