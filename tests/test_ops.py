@@ -98,8 +98,10 @@ def test_dropout_kernels_match_reference_with_the_same_mask():
 
 
 def test_siblings_share_one_mask_and_match_separate_layers():
-    """q, k, v of one attention block: one mask, and each output equals its own formula with that mask."""
-    model = peftkit.adapt(tiny_bert(), peftkit.LoraConfig(r=4, dropout=0.3, target_modules=["query", "key", "value"]))
+    """q, k, v of one attention block with shared_dropout_mask: one mask, and each output equals its own formula
+    with that mask."""
+    model = peftkit.adapt(tiny_bert(), peftkit.LoraConfig(r=4, dropout=0.3, target_modules=["query", "key", "value"],
+                                                          shared_dropout_mask=True))
     randomize(model, scale=0.2)
     block = model.base_model.bert.encoder.layer[0].attention.self
     assert block.query.siblings is block.key.siblings is block.value.siblings is not None

@@ -150,7 +150,7 @@ class LoraLinear(LoraLayer):
         p = self.lora_dropout[name] if self.training else 0.0
         if p == 0.0:
             return merged_lora_linear(x, weight, bias, A, B, scaling, self.weight_is_in_out)
-        if self.siblings is not None:
+        if self.siblings is not None and self.shared_dropout_mask.get(name, False):
             h, keep, scale = self.siblings.down(self, name, x, p, cast)
         else:
             keep, scale = dropout_keep(x, p)

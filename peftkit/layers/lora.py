@@ -53,10 +53,12 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
+        #: adapter -> whether sibling layers reading the same input (q, k, v) share one dropout mask
+        self.shared_dropout_mask: dict[str, bool] = {}
 
     def add_adapter(
         self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "default",
-        use_dora: bool = False,
+        use_dora: bool = False, shared_dropout_mask: bool = False,
     ) -> None:
         if use_dora and not self.supports_dora:
             raise NotImplementedError(
@@ -74,6 +76,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = dropout
+        self.shared_dropout_mask[name] = shared_dropout_mask
         self._create_factors(name, r, **self._factory())
         with torch.no_grad():
             initializer(self, name)
@@ -96,7 +99,7 @@ class LoraLayer(AdapterLayer):
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
 
     def _forget(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.shared_dropout_mask):
             table.pop(name, None)
 
 

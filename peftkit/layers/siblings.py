@@ -1,9 +1,10 @@
 """Sibling LoRA layers: projections of one block that usually read the same tensor (q, k, v).
 
-With dropout in training, the first sibling to run draws one dropout mask for the input and computes the
-down-projections of all siblings in one pass; the siblings that follow with the very same input tensor take
-their slice. A sibling that receives a different tensor (k/v of cross-attention, or an output projection
-grouped with q/k/v) computes its own; the wasted work is r extra columns of a thin matmul.
+Only for adapters created with ``shared_dropout_mask=True`` (an opt-in speed mode; by default every layer draws
+its own mask, as PEFT does). With dropout in training, the first sibling to run then draws one dropout mask for
+the input and computes the down-projections of all siblings in one pass; the siblings that follow with the very
+same input tensor take their slice. A sibling that receives a different tensor (k/v of cross-attention, or an
+output projection grouped with q/k/v) computes its own; the wasted work is r extra columns of a thin matmul.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class SiblingGroup:
         ``x`` is already in the compute dtype; ``cast`` brings each sibling's A to it."""
         if self._source is not None and self._source() is x and id(layer) in self._pending:
             return self._pending.pop(id(layer))
-        group = [m for m in self.members if m.fused_adapter(x) == name and m.lora_dropout[name] == p]
+        group = [m for m in self.members if m.fused_adapter(x) == name and m.lora_dropout[name] == p
+                 and m.shared_dropout_mask[name]]
         if layer not in group:
             group = [layer]
         keep, scale = dropout_keep(x, p)

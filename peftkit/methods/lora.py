@@ -63,6 +63,9 @@ class LoraConfig(AdapterConfig):
     init: str = "default"
     bias: str = "none"
     modules_to_save: Sequence[str] | None = None
+    #: q, k and v (layers of one block reading the same input) share ONE dropout mask: a little faster on the
+    #: CPU, but not PEFT's semantics (PEFT draws a mask per layer); training-time only, not written to files
+    shared_dropout_mask: bool = False
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
@@ -70,6 +73,8 @@ class LoraConfig(AdapterConfig):
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         require(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        require(isinstance(self.shared_dropout_mask, bool),
+                f"shared_dropout_mask must be true or false, got {self.shared_dropout_mask!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name) or {}
             require(isinstance(pattern, dict), f"{name} must be a dict of module-name pattern -> value")
@@ -148,7 +153,7 @@ class LoraMethod:
 
     def add_to_layer(self, layer: AdapterLayer, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
         layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                          init=config.init, use_dora=config.use_dora)
+                          init=config.init, use_dora=config.use_dora, shared_dropout_mask=config.shared_dropout_mask)
 
     # -------------------------------------------------------------------------------------------- files
     def file_config(self, model: nn.Module, config: LoraConfig, injection: Injection) -> dict[str, Any]:

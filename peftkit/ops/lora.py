@@ -10,7 +10,8 @@ page faults of the fresh buffers they need, cost more than the LoRA matmuls them
   come from thin matmuls, and g·B rides along with the backward matmul (one read of the gradient);
 - with dropout, the up-projection is the "bias" that the base matmul accumulates onto, and the LoRA part of
   ∂x is added chunk-wise into the base ∂x, so no activation-sized temporary exists;
-- q, k and v read the same x: their down-projections run as one matmul with one dropout mask (``lora_down``);
+- q, k and v read the same x: with ``shared_dropout_mask`` (opt-in) their down-projections run as one matmul
+  with one dropout mask (``lora_down``);
 - the input x kept for ∂A is not stored when the autograd graph can rebuild it exactly and cheaply (a
   LayerNorm output, from the LayerNorm's own saved input and statistics), and masks are kept as bits.
 

@@ -31,6 +31,8 @@ class LoraSection(Section):
     use_rslora: bool = Field(False, description="scale alpha/√r (rank-stabilised LoRA)")
     use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row (Linear layers)")
     init: Literal["default", "gaussian"] = Field("default", description="initialisation of A (B starts at 0)")
+    shared_dropout_mask: bool = Field(False, description="q, k, v share one LoRA dropout mask (a little faster on "
+                                      "the CPU; PEFT, and the default, draw one mask per layer)")
 
     def library_config(self, run_info: dict):
         from ..methods.lora import LoraConfig
