@@ -111,6 +111,7 @@ class AdaptedModel(nn.Module):
 
     def add_adapter(self, config: AdapterConfig, adapter_name: str = "default", trainable: bool = True) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``."""
+        self._mixed_layers = None  # the set of adapter layers changes: mixed_batch walks the tree again
         _check_adapter_name(adapter_name, self.adapters)
         method = method_for_config(config)
         config = copy.deepcopy(config)
@@ -151,6 +152,7 @@ class AdaptedModel(nn.Module):
         return list(io.adapter_state(self.base_model, name).values())
 
     def delete_adapter(self, name: str) -> None:
+        self._mixed_layers = None  # the set of adapter layers changes: mixed_batch walks the tree again
         self._require(name)
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the weights; call unmerge() before deleting it")
@@ -322,6 +324,7 @@ class AdaptedModel(nn.Module):
         self._drop_empty_layers()
 
     def _drop_empty_layers(self) -> None:
+        self._mixed_layers = None  # the set of adapter layers changes: mixed_batch walks the tree again
         for path, layer in reversed(list(self.adapter_layers())):
             if not layer.adapter_names:
                 set_submodule(self.base_model, path, layer.unwrapped(merged=False))
@@ -339,7 +342,7 @@ class AdaptedModel(nn.Module):
         if self.merged_adapters:
             raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge() before running mixed batches")
         key = tuple(self.adapters)  # walking the module tree costs more than a mixed forward's LoRA math
-        if getattr(self, "_mixed_layers", (None,))[0] != key:
+        if (getattr(self, "_mixed_layers", None) or (None,))[0] != key:
             self._mixed_layers = (key, list(self.adapter_layers()))
         layers = [layer for _, layer in self._mixed_layers[1]]
         if len(set(names)) == 1:

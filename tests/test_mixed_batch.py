@@ -133,3 +133,23 @@ def test_a_batch_of_one_dora_adapter_runs_although_dora_cannot_be_mixed():
         torch.testing.assert_close(run(model, {"input_ids": ids, "adapter_names": ["d"] * 3}), alone, atol=1e-5, rtol=1e-5)
         with pytest.raises(NotImplementedError, match="DoRA"):
             run(model, {"input_ids": ids, "adapter_names": ["d", "l", "d"]})
+
+
+def test_unload_then_reload_under_the_same_name_serves_the_new_weights(tmp_path):
+    """Caches of a mixed batch (stacked adapter weights, the list of adapter layers) must not outlive an adapter:
+    deleting 'b' and loading other weights as 'b' gives rows equal to the new 'b' alone."""
+    base, model = three_adapters(tiny_bert)
+    ids = torch.randint(0, 100, (4, 9))
+    rows = ["a", "b", "c", "base"]
+    with torch.no_grad():
+        run(model, {"input_ids": ids, "adapter_names": rows})  # builds the caches
+    model.delete_adapter("b")
+    model._drop_empty_layers()
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, alpha=6, target_modules=["query", "value"]), "b")
+    randomize(model, "b", seed=99, scale=0.2)
+    model.eval()
+    with torch.no_grad():
+        mixed = run(model, {"input_ids": ids, "adapter_names": rows})
+        model.set_adapter("b")
+        alone = run(model, {"input_ids": ids[1:2]})
+    torch.testing.assert_close(mixed[1:2], alone, atol=1e-5, rtol=1e-5)

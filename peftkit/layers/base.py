@@ -117,6 +117,8 @@ class AdapterLayer(nn.Module):
                 del holder[name]
         self._forget(name)
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+        # a later adapter of the same name has new tensors: the stacks must not be reused for it
+        self._stack_cache = self._slots_cache = None
 
     def _forget(self, name: str) -> None:
         """Drop per-adapter plain attributes (scalings, ...). Subclasses extend."""
