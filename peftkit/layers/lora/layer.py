@@ -10,7 +10,7 @@ host variants (``variant_host``: Linear, Conv1D) let each adapter's ``LoraVarian
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class LoraLayer(AdapterLayer):
             self.adapter_containers = (*self.adapter_containers, attr)
         return getattr(self, attr)
 
-    def mixed_refusal(self, names) -> str | None:
+    def mixed_refusal(self, names: Iterable[str]) -> str | None:
         refusal = super().mixed_refusal(names)
         if refusal is not None:
             return refusal
