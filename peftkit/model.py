@@ -329,56 +329,11 @@ class AdaptedModel(nn.Module):
             if not layer.adapter_names:
                 set_submodule(self.base_model, path, layer.unwrapped(merged=False))
 
-    @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator["AdaptedModel"]:
-        """Route row i of every forward inside the block through adapter ``adapter_names[i]``. A batch whose rows
-        all name one adapter runs the ordinary single-adapter path (any method, fused kernels included)."""
-        names = list(adapter_names)
-        unknown = sorted({n for n in names if n != BASE and n not in self.adapters})
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; adapters: {list(self.adapters) or 'none'} (or 'base')")
-        if self.training:
-            raise RuntimeError("mixed-adapter batches are for inference: call .eval() first")
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge() before running mixed batches")
-        key = tuple(self.adapters)  # walking the module tree costs more than a mixed forward's LoRA math
-        if (getattr(self, "_mixed_layers", None) or (None,))[0] != key:
-            self._mixed_layers = (key, list(self.adapter_layers()))
-        layers = [layer for _, layer in self._mixed_layers[1]]
-        if len(set(names)) == 1:
-            only = names[0]
-            saved = [(layer, layer.active_adapters) for layer in layers]
-            for layer in layers:
-                layer.set_active([] if only == BASE else [only])
-            try:
-                yield self
-            finally:
-                for layer, active in saved:
-                    layer.active_adapters = active
-            return
-        wanted = set(names) - {BASE}
-        for path, layer in self._mixed_layers[1]:
-            if wanted & set(layer.adapter_names) and not layer.supports_mixed:
-                raise NotImplementedError(
-                    f"{type(layer).__name__} at {path!r} cannot apply different adapters to different rows; run those "
-                    "adapters one batch at a time (set_adapter)"
-                )
-            if any(hasattr(layer, "is_dora") and layer.is_dora(n) for n in wanted & set(layer.adapter_names)):
-                raise NotImplementedError(f"DoRA adapters cannot be mixed in one batch ({path!r}); run them one at a time")
-        row_names = tuple(None if n == BASE else n for n in names)
-        # a layer that cannot mix and holds none of the batch's adapters must not apply its active ones to any row
-        idle = [(layer, layer.active_adapters) for layer in layers if not layer.supports_mixed]
-        for layer, _ in idle:
-            layer.active_adapters = ()
-        for layer in layers:
-            layer.row_adapters = row_names
-        try:
-            yield self
-        finally:
-            for layer in layers:
-                layer.row_adapters = None
-            for layer, active in idle:
-                layer.active_adapters = active
+    def mixed_batch(self, adapter_names: Sequence[str]) -> contextlib.AbstractContextManager["AdaptedModel"]:
+        """Route row i of every forward inside the block through adapter ``adapter_names[i]`` (see ``peftkit.mixing``)."""
+        from .mixing import mixed_batch  # imported here: this method is all of model.py that mixing concerns
+
+        return mixed_batch(self, adapter_names)
 
     # ----------------------------------------------------------------------------------- training hooks
     def _training_records(self):

@@ -153,3 +153,55 @@ def test_unload_then_reload_under_the_same_name_serves_the_new_weights(tmp_path)
         model.set_adapter("b")
         alone = run(model, {"input_ids": ids[1:2]})
     torch.testing.assert_close(mixed[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_asks_each_layer_and_a_refusal_names_the_module():
+    """The router has no list of what cannot mix: it asks every layer about the batch's adapters it holds."""
+    base, model = three_adapters(tiny_bert)
+    path = "bert.encoder.layer.1.attention.self.value"  # holds LoRA adapters 'a' and 'b'
+    layer = model.base_model.get_submodule(path)
+    asked = []
+
+    def refuse_b(names):
+        asked.append(sorted(names))
+        return "this toy layer cannot mix adapter 'b'" if "b" in names else None
+
+    layer.mixed_refusal = refuse_b
+    ids = torch.randint(0, 100, (3, 6))
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match=rf"module '{path}': this toy layer cannot mix adapter 'b'; run"):
+            model(input_ids=ids, adapter_names=["a", "b", "base"])
+        assert asked == [["a", "b"]]
+        assert all(layer.row_adapters is None for _, layer in model.adapter_layers())
+        mixed = run(model, {"input_ids": ids, "adapter_names": ["a", "c", "base"]})  # without 'b' it agrees
+        assert asked[-1] == ["a"]
+        model.set_adapter("c")
+        torch.testing.assert_close(mixed[1:2], run(model, {"input_ids": ids[1:2]}), atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_that_cannot_mix_and_holds_none_of_the_batch_stays_out_of_it():
+    """A trained LayerNorm copy (modules_to_save of adapter 'a') cannot mix; a batch of 'b' and 'c' must run past
+    it on the base LayerNorm (it used to be routed too, and failed on the LayerNorm's missing out_features)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.norm, self.lin1 = torch.nn.Linear(10, 20), torch.nn.LayerNorm(20), torch.nn.Linear(20, 2)
+
+        def forward(self, x):
+            return self.lin1(self.norm(self.lin0(x)))
+
+    torch.manual_seed(0)
+    model = peftkit.adapt(Net(), peftkit.LoraConfig(r=2, target_modules=["lin0"], modules_to_save=["norm"]), "a")
+    for name in ("b", "c"):
+        peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["lin0"]), name)
+    for seed, name in enumerate(model.adapters):
+        randomize(model, name, seed=seed, scale=0.3)
+    model.eval()
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["b", "c"])
+        for row, name in enumerate(["b", "c"]):
+            model.set_adapter(name)
+            torch.testing.assert_close(mixed[row:row + 1], model(x[row:row + 1]), atol=1e-6, rtol=1e-6)
+        with pytest.raises(NotImplementedError, match="module 'norm': ModulesToSave cannot apply different adapters"):
+            model(x, adapter_names=["a", "b"])

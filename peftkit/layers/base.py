@@ -26,7 +26,7 @@ class AdapterLayer(nn.Module):
     adapter_containers: tuple[str, ...] = ()
     #: whether the adapter can be folded into the base weights
     mergeable: bool = True
-    #: whether one forward can apply a different adapter to each row of the batch (``mixed_forward``)
+    #: whether one forward can apply a different adapter to each row of the batch (see ``mixed_refusal``)
     supports_mixed: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -65,6 +65,12 @@ class AdapterLayer(nn.Module):
         return tuple(n for n in self.active_adapters if n not in self.merged_adapters)
 
     # ---------------------------------------------------------------------------------- mixed batches
+    def mixed_refusal(self, names: Iterable[str]) -> str | None:
+        """None if this layer can run a mixed batch (``row_adapters`` set) whose rows use the adapters ``names``
+        of this layer (possibly none of them), else the reason why not. Layers whose adapters differ in this
+        respect (LoRA: DoRA adapters do not mix) extend it."""
+        return None if self.supports_mixed else f"{type(self).__name__} cannot apply different adapters to different rows"
+
     def row_slots(self, device: torch.device) -> torch.Tensor:
         """For each row of a mixed batch: 0 (no adapter of this layer: the base) or 1 + the adapter's index."""
         names = self.adapter_names

@@ -16,9 +16,8 @@ from torch import nn
 from .. import layers  # noqa: F401  (registers the LoRA layer types)
 from ..config import AdapterConfig, require
 from ..layers.base import AdapterLayer, find_layer
-from ..layers.linear import LoraConv1D, LoraLinear
-from ..layers.lora import LORA_LAYERS
-from ..layers.siblings import group_siblings
+from ..layers.lora import LORA_LAYERS, LoraConv1D, LoraLinear
+from ..layers.lora.siblings import group_siblings
 from ..io import PREFIX
 from ..targets import Selection, TargetSpec, compact, select
 from . import Injection, register_method

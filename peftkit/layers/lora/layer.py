@@ -1,19 +1,23 @@
-"""What every LoRA layer shares: per-adapter rank, alpha, scaling and dropout, and the initialiser table.
+"""What every LoRA layer shares: per-adapter rank, alpha, scaling, dropout and variant, the rank check and the
+initialiser table.
 
 y = base(x) + Σ_active s · B A dropout(x), with s = alpha / r (alpha / √r with rsLoRA).
 The concrete layers (``linear.py``, ``embedding.py``, ``conv.py``) create A and B in their own shape and
-supply their own initialisers; adding an initialiser means adding one entry to a layer's table.
+supply their own initialisers; adding an initialiser means adding one entry to a layer's table. Layers that
+host variants (``variant_host``: Linear, Conv1D) let each adapter's ``LoraVariant`` change its math (DoRA).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
-from .base import AdapterLayer, LayerRegistry
+from ..base import AdapterLayer, LayerRegistry
+from .dora import DoraVariant
+from .variant import LoraVariant
 
 LORA_LAYERS = LayerRegistry("lora")
 
@@ -38,32 +42,35 @@ def check_rank(base_layer: nn.Module, r: int, minimum: int = 1) -> None:
 class LoraLayer(AdapterLayer):
     adapter_containers = ("lora_A", "lora_B")
     container_type: ClassVar[type[nn.Module]] = nn.ModuleDict
-    #: containers of another type than ``container_type`` (e.g. DoRA's magnitudes: plain parameters)
-    container_types: ClassVar[dict[str, type[nn.Module]]] = {}
-    #: whether the layer implements DoRA (weight-decomposed LoRA)
-    supports_dora: ClassVar[bool] = False
+    #: whether adapters of this layer may use a variant other than plain LoRA (e.g. DoRA)
+    variant_host: ClassVar[bool] = False
     #: init name -> function(layer, adapter_name) that fills A and B
     initializers: ClassVar[dict[str, Callable[["LoraLayer", str], None]]] = {}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         for container in self.adapter_containers:
-            setattr(self, container, self.container_types.get(container, self.container_type)())
+            setattr(self, container, self.container_type())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         #: adapter -> whether sibling layers reading the same input (q, k, v) share one dropout mask
         self.shared_dropout_mask: dict[str, bool] = {}
+        #: adapter -> its variant (plain LoRA unless the adapter was created with another one)
+        self.variants: dict[str, LoraVariant] = {}
 
     def add_adapter(
         self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "default",
-        use_dora: bool = False, shared_dropout_mask: bool = False,
+        use_dora: bool = False, shared_dropout_mask: bool = False, variant: LoraVariant | None = None,
     ) -> None:
-        if use_dora and not self.supports_dora:
+        """``variant``: a ``LoraVariant`` that changes this adapter's math; ``use_dora`` (PEFT's flag) picks DoRA."""
+        if variant is None:
+            variant = DoraVariant() if use_dora else LoraVariant()
+        if type(variant) is not LoraVariant and not self.variant_host:
             raise NotImplementedError(
-                f"DoRA is implemented for Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}; "
-                "exclude such modules with exclude_modules"
+                f"{variant.name} is implemented for Linear and GPT-2 Conv1D layers, not "
+                f"{type(self.base_layer).__name__}; exclude such modules with exclude_modules"
             )
         check_rank(self.inner, r)
         initializer = self.initializers.get(init)
@@ -77,14 +84,11 @@ class LoraLayer(AdapterLayer):
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = dropout
         self.shared_dropout_mask[name] = shared_dropout_mask
+        self.variants[name] = variant
         self._create_factors(name, r, **self._factory())
         with torch.no_grad():
             initializer(self, name)
-        if use_dora:
-            self._add_magnitude(name)
-
-    def _add_magnitude(self, name: str) -> None:
-        raise NotImplementedError
+            variant.init(self, name)  # after A and B: DoRA's magnitude starts at ‖W + s·B A‖ = ‖W‖
 
     def _create_factors(self, name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
         raise NotImplementedError
@@ -96,10 +100,25 @@ class LoraLayer(AdapterLayer):
         return {"device": weight.device, "dtype": dtype}
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight,
+                **self.variants[name].tensors(self, name)}
+
+    def adapter_container(self, attr: str, kind: type[nn.Module] = nn.ParameterDict) -> nn.Module:
+        """The per-adapter container ``attr`` (a variant's own parameters, e.g. ``lora_magnitude_vector``), made
+        on first use and from then on part of ``adapter_containers`` (so delete_adapter empties it too)."""
+        if attr not in self.adapter_containers:
+            setattr(self, attr, kind())
+            self.adapter_containers = (*self.adapter_containers, attr)
+        return getattr(self, attr)
+
+    def mixed_refusal(self, names: Iterable[str]) -> str | None:
+        refusal = super().mixed_refusal(names)
+        if refusal is not None:
+            return refusal
+        return next(filter(None, (self.variants[n].mixed_refusal() for n in names if n in self.variants)), None)
 
     def _forget(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.shared_dropout_mask):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.shared_dropout_mask, self.variants):
             table.pop(name, None)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..ops.lora import dropout_keep, lora_down
+from ...ops.lora import dropout_keep, lora_down
 
 if TYPE_CHECKING:
     from .linear import LoraLinear

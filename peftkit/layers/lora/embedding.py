@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LORA_LAYERS, LoraLayer
+from .layer import LORA_LAYERS, LoraLayer
 
 
 def zero_A_normal_B(layer: "LoraEmbedding", name: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import dropout
-from .lora import LORA_LAYERS, LoraLayer, gaussian_A_zero_B, kaiming_A_zero_B
+from ...functional import dropout
+from .layer import LORA_LAYERS, LoraLayer, gaussian_A_zero_B, kaiming_A_zero_B
 
 
 class LoraConv2d(LoraLayer):
