@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def minilm_path() -> Path:
-    from peftkit.demo import minilm_path as path
+    from peftkit.tasks.demo import minilm_path as path
 
     return path()
 

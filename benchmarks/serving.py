@@ -127,7 +127,7 @@ def write_adapters(root: Path, count: int) -> list[str]:
     import yaml
 
     import peftkit
-    from peftkit.heads import build_classifier
+    from peftkit.tasks.heads import build_classifier
 
     sizes = [2, 3, 5, 77]
     names = []
@@ -152,7 +152,7 @@ def write_adapters(root: Path, count: int) -> list[str]:
 def demo_texts() -> list[str]:
     from importlib.resources import files
 
-    with files("peftkit.demo").joinpath("intents_test.csv").open(encoding="utf-8") as handle:
+    with files("peftkit.tasks.demo").joinpath("intents_test.csv").open(encoding="utf-8") as handle:
         return [row["text"] for row in csv.DictReader(handle)]
 
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import peftkit  # noqa: E402
-from peftkit.demo import minilm_path, read_intents  # noqa: E402
+from peftkit.tasks.demo import minilm_path, read_intents  # noqa: E402
 
 
 def accuracy(model, tokenizer, texts, labels, label2id, batch_size=64) -> float:

@@ -15,7 +15,6 @@ from the diverged model is saved); 1 an internal error (a bug: PEFTKIT_DEBUG=1 s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -32,13 +31,12 @@ class UsageError(ValueError):
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
-    from .data import DataError
     from .io import AdapterFileError
     from .targets import TargetError
-    from .train.config import ConfigProblem
+    from .tasks.data import DataError
 
     # OSError: FileExistsError, FileNotFoundError, and outputs that cannot be written (io.OutputError)
-    return DataError, ConfigProblem, ConfigError, AdapterFileError, TargetError, UsageError, OSError
+    return DataError, ConfigError, AdapterFileError, TargetError, UsageError, OSError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     _column_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
-    predict = commands.add_parser("predict", help="labels and probabilities for texts")
+    predict = commands.add_parser("predict", help="predictions for texts (classification: labels and probabilities)")
     predict.add_argument("--run", required=True, help="a run folder, or a folder written by peftkit merge")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a .csv/.tsv/.jsonl file (labels not needed)")
@@ -133,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--pooling", default="auto", choices=["auto", "pooler", "cls", "mean"])
+    serve.add_argument("--task", default="classification", help="the task of the base model and its adapters")
+    serve.add_argument("--pooling", default="auto", choices=["auto", "pooler", "cls", "mean"],
+                       help="classification: the features the head sees")
     serve.add_argument("--max_batch_size", type=int, default=32, help="rows per forward pass")
     serve.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request may wait for others")
     serve.add_argument("--max_length", type=int, default=128)
@@ -148,18 +148,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _column_keys() -> list[str]:
+    """The per-file column settings of every task (``--text_column`` ...): each overrides the run's own."""
+    from .tasks import available_tasks, get_task
+
+    return list(dict.fromkeys(key for name in available_tasks() for key in get_task(name).column_keys))
+
+
 def _column_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text_column", help="default: the run's text_column")
-    parser.add_argument("--text_pair_column", help="default: the run's text_pair_column")
-    parser.add_argument("--label_column", help="default: the run's label_column")
+    for key in _column_keys():
+        parser.add_argument(f"--{key}", help=f"default: the run's {key}")
 
 
-def _columns(args, run):
-    from .data import Columns
+def _open(args):
+    """The run of ``--run``, reading files with the columns given on the command line."""
+    from .train.run import Run
 
-    config = run.config
-    return Columns(args.text_column or config.text_column, args.label_column or config.label_column,
-                   args.text_pair_column or config.text_pair_column)
+    return Run(args.run).with_columns(**{key: getattr(args, key, None) for key in _column_keys()})
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -169,7 +174,7 @@ def _train(args, rest) -> int:
 
     config_file, embedded = args.config, False
     if config_file is None and not any(a.split("=")[0] == "--train_file" for a in rest):
-        from .demo import DATA_DIR
+        from .tasks.demo import DATA_DIR
 
         config_file, embedded = DATA_DIR / "demo.yaml", True  # the embedded default: the demo intents
     config = load(config_file, rest, embedded=embedded)
@@ -178,62 +183,27 @@ def _train(args, rest) -> int:
 
 
 def _eval(args, rest) -> int:
-    from .train.run import Run
-
-    run = Run(args.run)
-    result = run.evaluate(args.data, _columns(args, run))
+    run = _open(args)
+    result = run.evaluate(args.data)
     print(result["report_text"])
-    print(f"accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   loss {result['loss']:.4f}")
+    print(f"{run.task.summary(result)}   loss {result['loss']:.4f}")
     return 0
 
 
 def _predict(args, rest) -> int:
-    from .train.run import Run
-
     if args.text_pair and (not args.text or len(args.text_pair) != len(args.text)):
         raise UsageError(f"{len(args.text or [])} --text but {len(args.text_pair)} --text_pair: give one --text_pair "
                          "per --text (in the same order), or none")
-    run = Run(args.run)
-    if args.text:
-        texts, pairs = args.text, args.text_pair
-    else:
-        examples = run.read(args.data, labelled=False, columns=_columns(args, run))
-        texts = [e.text for e in examples]
-        pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
-    probs = run.probabilities(texts, pairs)
-    rows = []
-    for i, text in enumerate(texts):
-        best = int(probs[i].argmax())
-        rows.append({"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": run.labels.names[best],
-                     "probability": round(float(probs[i, best]), 6),
-                     "probabilities": {name: round(float(p), 6) for name, p in zip(run.labels.names, probs[i])}})
+    run = _open(args)
+    examples = run.task.inputs(args.text, args.text_pair) if args.text else run.read_file(args.data, labelled=False)
+    rows = run.predict(examples)
     if args.out:
-        _write_predictions(Path(args.out), rows, run.labels.names)
+        run.write_predictions(Path(args.out), rows)
         print(f"{len(rows)} predictions written to {args.out}")
     else:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
     return 0
-
-
-def _write_predictions(path: Path, rows: list[dict], names: list[str]) -> None:
-    from .io import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            if path.suffix.lower() == ".jsonl":
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                return
-            fields = [k for k in ("text", "text_pair") if k in rows[0]] + ["label", "probability"] + [f"p_{n}" for n in names]
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            for row in rows:
-                flat = {k: row[k] for k in fields if k in row}
-                flat.update({f"p_{n}": row["probabilities"][n] for n in names})
-                writer.writerow(flat)
-
-    atomic_write(path, write)
 
 
 def _merge(args, rest) -> int:
@@ -249,8 +219,8 @@ def _serve(args, rest) -> int:
     from .serve.model import BadAdapterRequest
 
     try:
-        serve(args.base, args.adapters, args.host, args.port, args.pooling, args.max_batch_size, args.max_wait_ms,
-              args.max_length, args.threads, args.max_request_bytes)
+        serve(args.base, args.adapters, args.host, args.port, {"pooling": args.pooling}, args.max_batch_size,
+              args.max_wait_ms, args.max_length, args.threads, args.max_request_bytes, task=args.task)
     except BadAdapterRequest as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import peftkit
-from peftkit.heads import build_classifier
+from peftkit.tasks.heads import build_classifier
 
 from conftest import randomize
 

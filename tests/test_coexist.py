@@ -91,8 +91,8 @@ def test_adding_methods_in_memory_in_any_order():
 
 
 def test_server_answers_each_request_with_its_own_adapter(tmp_path):
-    from peftkit import data as D
-    from peftkit.heads import build_classifier
+    from peftkit.tasks import data as D
+    from peftkit.tasks.heads import build_classifier
     from peftkit.serve.model import ServedModel
     from workflow_helpers import tiny_model_dir
 
@@ -114,7 +114,7 @@ def test_server_answers_each_request_with_its_own_adapter(tmp_path):
     texts = {"plain": "where is my card", "dora": "open on sunday?", "bottleneck": "refund the broken item please",
              "bitfit": "hours", "ball": "my wallet was stolen yesterday"}
     rows = [(name, text, None) for name, text in texts.items()]
-    probabilities = served.classify(rows)
+    probabilities = served.infer(rows)
     for (name, text, _), got in zip(rows, probabilities):
         batch = D.collate(served.tokenizer, D.encode(served.tokenizer, [D.Example(text, None, None, 0)], served.max_length))
         with torch.no_grad():
@@ -127,5 +127,5 @@ def test_server_answers_each_request_with_its_own_adapter(tmp_path):
     with torch.inference_mode():
         logits = served._forward(features, names)
     for row, (name, text, _) in enumerate(rows):
-        torch.testing.assert_close(torch.softmax(logits[row, :3].float(), -1), served.classify([(name, text, None)])[0],
+        torch.testing.assert_close(torch.softmax(logits[row, :3].float(), -1), served.infer([(name, text, None)])[0],
                                    atol=1e-5, rtol=1e-5)

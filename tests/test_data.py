@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peftkit import data as D
+from peftkit.tasks import data as D
 
 
 def write(path, text, encoding="utf-8"):

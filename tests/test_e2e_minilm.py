@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.demo import minilm_path, read_intents
+from peftkit.tasks.demo import minilm_path, read_intents
 
 pytestmark = pytest.mark.slow
 

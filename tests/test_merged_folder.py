@@ -126,7 +126,7 @@ def test_serve_uses_a_merged_folder_as_base(runs, pooling, tmp_path):
     served = ServedModel(merged, tmp_path / "adapters")  # pooling auto: read from the folder
     assert served.pooling == pooling
     assert served.labels_of("base") == ["card", "hours", "refund"]
-    got = torch.stack(served.classify([("base", text, None) for text in TEXTS]))
+    got = torch.stack(served.infer([("base", text, None) for text in TEXTS]))
     torch.testing.assert_close(got, Run(run).probabilities(TEXTS), atol=1e-5, rtol=0)
 
 

@@ -89,15 +89,17 @@ def test_head_feature_cache_gives_the_same_head(files, tmp_path):
 
 
 def test_distillation_teacher_is_the_base_without_a_copy(files):
-    from peftkit.heads import build_classifier
+    from peftkit.tasks.heads import build_classifier
     from peftkit.train.config import DistillSection
+    from peftkit.tasks import get_task
+    from peftkit.tasks.data import LabelMap
     from peftkit.train.distill import Distiller
 
     base = build_classifier(files["model"], 3, "mean").eval()
     reference = copy.deepcopy(base)
     student = peftkit.adapt(base, peftkit.LoraConfig(r=4, target_modules="all-linear"))
     params_before = sum(p.numel() for p in student.parameters())
-    distiller = Distiller(DistillSection(teacher="base", alpha=0.5), student, type("L", (), {"names": []})())
+    distiller = Distiller(DistillSection(teacher="base", alpha=0.5), student, get_task("classification"), LabelMap([]))
     assert distiller.mode == "hidden" and distiller.teacher is None
     batch = {"input_ids": torch.randint(1000, 2000, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     student.train()

@@ -57,7 +57,7 @@ def post_all(client, bodies: list[dict]) -> list:
 def test_requests_for_different_adapters_share_one_forward(served, monkeypatch):
     bodies = [{"adapter": "intents", "texts": ["my card is gone"]}, {"adapter": "sentiment", "texts": ["great service"]},
               {"adapter": "tuned_bias", "texts": ["hello there"]}, {"adapter": "intents", "texts": ["refund my order"]}]
-    alone = [torch.stack(served.classify([(b["adapter"], b["texts"][0], None)])) for b in bodies]
+    alone = [torch.stack(served.infer([(b["adapter"], b["texts"][0], None)])) for b in bodies]
     forwards = record_forwards(served, monkeypatch)
     with client_for(served, rows_per_forward=len(bodies)) as client:
         responses = post_all(client, bodies)
@@ -109,7 +109,7 @@ def test_a_row_whose_forward_fails_fails_only_its_request(served, monkeypatch):
 
     bodies = [{"adapter": "intents", "texts": ["my card is gone", "refund please"]},
               {"adapter": "sentiment", "texts": ["a zebra"]}, {"adapter": "tuned_bias", "texts": ["hello"]}]
-    alone = {b["adapter"]: torch.stack(served.classify([(b["adapter"], t, None) for t in b["texts"]])) for b in bodies}
+    alone = {b["adapter"]: torch.stack(served.infer([(b["adapter"], t, None) for t in b["texts"]])) for b in bodies}
     handle = embedding.register_forward_pre_hook(refuse)
     try:
         with client_for(served, rows_per_forward=4) as client:

@@ -107,7 +107,7 @@ def test_every_method_trains_from_the_cli_with_only_method(files, tmp_path, meth
 
 
 def test_the_embedded_default_keeps_its_lora_settings():
-    from peftkit.demo import DATA_DIR
+    from peftkit.tasks.demo import DATA_DIR
     from peftkit.train.config import load
 
     config = load(DATA_DIR / "demo.yaml", [], embedded=True)

@@ -20,7 +20,7 @@ def tiny_model_dir(root: Path, dropout: float = 0.0) -> Path:
     """A 2-layer BERT (hidden 32) saved with the packaged MiniLM tokenizer (same vocabulary)."""
     from transformers import BertConfig, BertModel
 
-    from peftkit.demo import minilm_path
+    from peftkit.tasks.demo import minilm_path
 
     target = root / "tiny-bert"
     if (target / "config.json").exists():

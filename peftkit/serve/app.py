@@ -1,6 +1,7 @@
 """The HTTP API of ``peftkit serve`` (FastAPI). OpenAPI schema at ``/openapi.json``.
 
-    POST   /v1/classify          {"adapter": name, "texts": [...]} or {"adapter": name, "pairs": [[a, b], ...]}
+    POST   the task's route      classification: /v1/classify  {"adapter": name, "texts": [...]} or
+                                 {"adapter": name, "pairs": [[a, b], ...]}  (the task's request/response schema)
     GET    /v1/adapters          name, method, labels, trainable share of every adapter
     POST   /v1/adapters          {"name": ..., "path": ...}   load an adapter folder (inside the adapter directory)
     DELETE /v1/adapters/{name}   unload it
@@ -13,14 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from ..tasks.schema import Text
 from .batcher import Batcher
 from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, BadText, ServedModel
 
@@ -32,41 +32,6 @@ class Limits(BaseModel):
     max_chars: int = 10_000
     #: whole request body in bytes (413 above it); 256 texts of 10,000 characters fit
     max_request_bytes: int = 4 * 1024 * 1024
-
-
-def _valid_unicode(text: str) -> str:
-    """JSON may carry lone surrogates (\\ud800) that no tokenizer or UTF-8 encoder accepts: refuse them here."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"not valid Unicode: a lone surrogate {text[err.start]!r} at character {err.start}") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-
-
-class ClassifyRequest(BaseModel):
-    adapter: Text = Field(description="adapter name, or 'base' for the plain base model", max_length=200)
-    texts: list[Text] | None = Field(None, description="texts to classify")
-    pairs: list[tuple[Text, Text]] | None = Field(None, description="sentence pairs to classify")
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "ClassifyRequest":
-        if (self.texts is None) == (self.pairs is None):
-            raise ValueError("give exactly one of 'texts' or 'pairs'")
-        return self
-
-
-class Prediction(BaseModel):
-    label: str
-    probability: float
-    probabilities: dict[str, float]
-
-
-class ClassifyResponse(BaseModel):
-    adapter: str
-    predictions: list[Prediction]
 
 
 class LoadRequest(BaseModel):
@@ -143,7 +108,7 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher_box["batcher"] = Batcher(served.classify, max_batch_size, max_wait_ms)
+        batcher_box["batcher"] = Batcher(served.infer, max_batch_size, max_wait_ms)
         yield
         batcher_box["batcher"].close()
 
@@ -175,17 +140,18 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
         log.exception("unexpected error on %s", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details", request.url.path)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse)
-    async def classify(body: ClassifyRequest):
+    task, schema = served.task, served.task.serve_schema()
+
+    async def infer(body):
         started = time.perf_counter()
-        endpoint = "/v1/classify"
-        items = body.texts if body.texts is not None else body.pairs
+        endpoint = schema.route
+        items = task.request_rows(body)
         if not items:
-            return error(422, "nothing to classify: the list is empty", endpoint)
+            return error(422, f"nothing to {schema.verb}: the list is empty", endpoint)
         if len(items) > limits.max_texts:
             return error(413, f"{len(items)} texts in one request; the limit is {limits.max_texts}", endpoint)
         for i, item in enumerate(items):
-            for text in ([item] if isinstance(item, str) else item):
+            for text in (t for t in item if isinstance(t, str)):
                 if len(text) > limits.max_chars:
                     return error(413, f"text {i} has {len(text)} characters; the limit is {limits.max_chars}", endpoint)
                 if not text.strip():
@@ -196,26 +162,22 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
             return error(404, str(err.args[0]), endpoint)
         except BadAdapterRequest as err:
             return error(400, str(err), endpoint)
-        takes_pairs = served.takes_pairs(body.adapter)
-        if takes_pairs is not None and takes_pairs != (body.pairs is not None):
-            wanted, sent = ("'pairs' ([[text, text_pair], ...])", "single texts") if takes_pairs else \
-                ("'texts'", "pairs")
-            return error(422, f"adapter {body.adapter!r} was trained on {'sentence pairs' if takes_pairs else 'single texts'} "
-                              f"but the request sends {sent}: send {wanted}", endpoint)
-        rows = [(body.adapter, t, None) if isinstance(t, str) else (body.adapter, t[0], t[1]) for t in items]
-        probabilities = await batcher_box["batcher"].submit(rows)
-        failed = next((p for p in probabilities if isinstance(p, Exception)), None)
+        problem = task.request_problem(body, served.settings_of(body.adapter))
+        if problem:
+            return error(422, problem, endpoint)
+        rows = [(body.adapter, *item) for item in items]
+        outputs = await batcher_box["batcher"].submit(rows)
+        failed = next((p for p in outputs if isinstance(p, Exception)), None)
         if failed is not None:
             return _row_error(failed, endpoint)
-        predictions = []
-        for probs in probabilities:  # full float32 precision: answers equal `peftkit predict` bit for bit
-            best = int(probs.argmax())
-            predictions.append(Prediction(label=labels[best], probability=float(probs[best]),
-                                          probabilities={l: float(p) for l, p in zip(labels, probs)}))
+        answer = task.response(body.adapter, outputs, labels)
         metrics.classified.labels(body.adapter).inc(len(rows))
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return ClassifyResponse(adapter=body.adapter, predictions=predictions)
+        return answer
+
+    infer.__annotations__["body"] = schema.request  # the task's request model: validated, and in the OpenAPI schema
+    app.post(schema.route, response_model=schema.response)(infer)
 
     def _row_error(failed: Exception, endpoint: str) -> JSONResponse:
         if isinstance(failed, AdapterNotFound):  # the adapter was unloaded while the request waited
@@ -228,7 +190,7 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
     @app.get("/v1/adapters")
     async def list_adapters():
         metrics.requests.labels("/v1/adapters", "200").inc()
-        return {"base": {"labels": served.base_labels, "pooling": served.pooling},
+        return {"base": {"labels": served.base_labels, **served.settings},
                 "adapters": [info.public() for info in served.adapters.values()]}
 
     @app.post("/v1/adapters", status_code=201)
@@ -270,9 +232,10 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
     return app
 
 
-def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, pooling: str = "auto",
+def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, options: dict | None = None,
           max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None,
-          max_request_bytes: int = Limits().max_request_bytes) -> None:
+          max_request_bytes: int = Limits().max_request_bytes, task: str = "classification") -> None:
+    """``options``: the task's base-model settings (classification: ``{"pooling": ...}``)."""
     import torch
     import uvicorn
 
@@ -281,9 +244,11 @@ def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, p
     keep_freed_memory()  # a long-lived process: reuse freed activation memory instead of faulting it in again
     if threads:
         torch.set_num_threads(threads)
-    served = ServedModel(base, adapters, pooling=pooling, max_length=max_length)
+    served = ServedModel(base, adapters, task=task, max_length=max_length, **(options or {}))
     for folder, problem in served.discover():
         print(f"skipped adapter folder {folder!r}: {problem}", flush=True)
-    print(f"serving {len(served.adapters)} adapter(s) on http://{host}:{port} (pooling {served.pooling})", flush=True)
+    shown = ", ".join(f"{key} {value}" for key, value in served.settings.items())
+    print(f"serving {len(served.adapters)} adapter(s) on http://{host}:{port}" + (f" ({shown})" if shown else ""),
+          flush=True)
     app = create_app(served, max_batch_size, max_wait_ms, Limits(max_request_bytes=max_request_bytes))
     uvicorn.run(app, host=host, port=port, log_level="warning")

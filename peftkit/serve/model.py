@@ -1,7 +1,8 @@
-"""One base model in memory, many adapters on it, and classification of mixed batches.
+"""One base model in memory, many adapters on it, and inference on mixed batches, for any task: what a row is, how
+it is encoded and what it answers are the task's (``peftkit.tasks``); the run folders' layout is ``RunFolder``'s.
 
-Adapters are folders under one directory: peftkit run folders (``config.yaml``, ``labels.json``, ``adapter/``)
-or plain adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``, e.g. from Hugging Face PEFT).
+Adapters are folders under one directory: peftkit run folders (``config.yaml``, the task's vocabulary file such as
+``labels.json``, ``adapter/``) or plain adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``, e.g. from Hugging Face PEFT).
 Every path is confined to that directory (symbolic links included), only safetensors are read, and an adapter
 built for another base model (other shapes, or another recorded base fingerprint) is refused.
 """
@@ -17,9 +18,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import data as D
-from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, base_fingerprint, find_adapter_dir
+from ..fingerprint import base_fingerprint
+from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, find_adapter_dir
 from ..model import BASE, AdaptedModel, _check_adapter_name
+from ..tasks import DEFAULT_TASK, Task, get_task
+from ..tasks.data import DataError
+from ..train.folder import RunFolder
 
 log = logging.getLogger("peftkit.serve")
 
@@ -45,48 +49,45 @@ class AdapterInfo:
     name: str
     path: str
     method: str
-    labels: list[str]
+    labels: list[str]  # the names the adapter predicts over (its task's vocabulary)
     trainable_share: float | None = None
     metrics: dict = field(default_factory=dict)
-    #: True: trained on sentence pairs; False: on single texts; None: unknown (a plain adapter folder)
-    pairs: bool | None = None
+    settings: dict = field(default_factory=dict)  # the task's (Task.adapter_settings), e.g. whether it takes pairs
+    task: Task | None = None
 
     def public(self) -> dict:
+        public = self.task.adapter_public(self.settings) if self.task is not None else {}
         return {"name": self.name, "method": self.method, "labels": self.labels, "trainable_share": self.trainable_share,
-                "metrics": self.metrics, "input": {True: "pairs", False: "texts", None: "texts or pairs"}[self.pairs]}
+                "metrics": self.metrics, **public}
 
 
 class ServedModel:
-    def __init__(self, base_path: str | Path, adapter_root: str | Path, pooling: str = "auto", max_length: int = 128):
+    def __init__(self, base_path: str | Path, adapter_root: str | Path, task: str = DEFAULT_TASK,
+                 max_length: int = 128, **options) -> None:
+        """``options``: the task's base-model settings (classification: ``pooling``)."""
         from transformers import AutoTokenizer
 
-        from ..heads import build_classifier, resolve_pooling
-        from ..train.trainer import resolve_model
+        from ..train.setup import resolve_model
 
+        self.task = get_task(task)
         self.base_path = resolve_model(str(base_path))
         self.root = Path(adapter_root).resolve()
         if not self.root.is_dir():
             raise BadAdapterRequest(f"adapter directory {adapter_root} does not exist")
-        self.pooling = resolve_pooling(self.base_path, pooling)
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        task = build_classifier(self.base_path, num_labels=None, pooling=self.pooling)  # keeps a trained head
-        self.base_labels = self._trained_head_labels(task)
-        self.model = AdaptedModel(task).eval()  # and every adapter added later follows this mode (no dropout)
-        self.fingerprint = base_fingerprint(task)
+        base, self.base_labels, self.settings = self.task.serving_base(self.base_path, options)
+        self.model = AdaptedModel(base).eval()  # and every adapter added later follows this mode (no dropout)
+        self.fingerprint = base_fingerprint(base)
         self.lock = threading.RLock()
         self.adapters: dict[str, AdapterInfo] = {}
         #: called after every forward pass with the adapter name of each row (metrics, tests)
         self.on_forward: Callable[[list[str]], None] | None = None
 
-    @staticmethod
-    def _trained_head_labels(task) -> list[str] | None:
-        """The base model's own labels if its head came from the checkpoint (not initialised at random)."""
-        head = getattr(task, "classifier", None) or getattr(task, "score", None)
-        if head is None or not all(getattr(p, "_is_hf_initialized", False) for p in head.parameters()):
-            return None
-        id2label = getattr(getattr(task, "config", None), "id2label", None) or {}
-        return [str(id2label.get(i, i)) for i in range(next(head.parameters()).shape[0])]
+    @property
+    def pooling(self) -> str | None:
+        """Classification servers: the base model's pooling (a task setting, shown by ``GET /v1/adapters``)."""
+        return self.settings.get("pooling")
 
     # ---------------------------------------------------------------------------------------- adapters
     def discover(self) -> list[tuple[str, str]]:
@@ -115,10 +116,13 @@ class ServedModel:
     def load(self, name: str, path: str | Path) -> AdapterInfo:
         """Load an adapter folder; every problem of the folder is an AdapterConflict, BadAdapterRequest or
         AdapterNotFound, and leaves nothing behind."""
+        if name in self.adapters or name in self.model.adapters:
+            raise AdapterConflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         try:
-            _check_adapter_name(name, self.adapters)
+            # TODO(issue 11): the core's public name check, once the methods helper's surface offers it
+            _check_adapter_name(name, ())
         except ValueError as err:
-            raise (AdapterConflict if "already exists" in str(err) else BadAdapterRequest)(str(err)) from None
+            raise BadAdapterRequest(str(err)) from None
         try:
             return self._load(name, path)
         except (AdapterNotFound, AdapterConflict, BadAdapterRequest):
@@ -131,39 +135,37 @@ class ServedModel:
             raise BadAdapterRequest(f"adapter {name!r} cannot be loaded: {type(err).__name__}: {err}") from None
 
     def _load(self, name: str, path: str | Path) -> AdapterInfo:
-        folder = self._confined(path)
-        run_config = folder / "config.yaml"
-        labels_file = folder / "labels.json"
-        adapter_dir = folder / "adapter" if (folder / "adapter" / CONFIG_NAME).is_file() else folder
+        run = RunFolder(self._confined(path))
+        adapter_dir = run.adapter_dir if (run.adapter_dir / CONFIG_NAME).is_file() else run.path
         try:
             adapter_dir = find_adapter_dir(adapter_dir, "default")
         except AdapterFileError as err:
             raise BadAdapterRequest(str(err)) from None
         for file in adapter_dir.iterdir():  # a link inside the folder may not lead out of it
             self._confined(file)
-        labels = None
-        method, share, metrics, pairs = None, None, {}, None
-        if run_config.is_file() and labels_file.is_file():
+        labels, method, share, metrics, stored = None, None, None, {}, None
+        vocabulary_file = run.vocabulary_file(self.task)
+        if run.config_file.is_file() and vocabulary_file.is_file():
             import yaml
 
-            self._confined(labels_file)
-            values = yaml.safe_load(self._confined(run_config).read_text(encoding="utf-8")) or {}
-            pooling = values.get("pooling", "auto")
-            from ..heads import resolve_pooling
-
-            if resolve_pooling(self.base_path, pooling) != self.pooling:
-                raise AdapterConflict(f"adapter {name!r} was trained with pooling {pooling!r}; this server's base uses "
-                                      f"{self.pooling!r} (start it with --pooling {pooling})")
-            labels = json.loads(labels_file.read_text(encoding="utf-8")).get("labels")
-            if not isinstance(labels, list) or not labels or not all(isinstance(l, str) for l in labels):
-                raise BadAdapterRequest(f"adapter {name!r}: {labels_file.name} must hold {{\"labels\": [names...]}}")
-            method = values.get("method")
-            pairs = bool(values.get("text_pair_column"))
-            report_file = folder / "report.json"
-            if report_file.is_file():
-                report = json.loads(self._confined(report_file).read_text(encoding="utf-8"))
+            self._confined(vocabulary_file)
+            stored = yaml.safe_load(self._confined(run.config_file).read_text(encoding="utf-8")) or {}
+            if stored.get("task", DEFAULT_TASK) != self.task.name:
+                raise AdapterConflict(f"adapter {name!r} was trained for the task {stored.get('task')!r}; this server "
+                                      f"serves {self.task.name!r}")
+            problem = self.task.check_adapter(name, stored, self.settings, self.base_path)
+            if problem:
+                raise AdapterConflict(problem)
+            stored_vocabulary = json.loads(vocabulary_file.read_text(encoding="utf-8"))
+            try:
+                labels = self.task.names(self.task.vocabulary_from_dict(stored_vocabulary))
+            except DataError as err:
+                raise BadAdapterRequest(f"adapter {name!r}: {vocabulary_file.name} {err}") from None
+            method = stored.get("method")
+            if run.report_file.is_file():
+                report = json.loads(self._confined(run.report_file).read_text(encoding="utf-8"))
                 share = report.get("trainable_share")
-                metrics = {k: round(report[k]["accuracy"], 4) for k in ("dev", "test") if k in report}
+                metrics = self.task.served_metrics(report)
         with self.lock:
             try:
                 self.model.load_adapter(adapter_dir, name, resize_heads=True, check_base=True)
@@ -178,8 +180,10 @@ class ServedModel:
             labels = [str(i) for i in range(head)] if head else []
         if head is not None and len(labels) != head:
             self.unload(name)
-            raise AdapterConflict(f"adapter {name!r}: labels.json lists {len(labels)} labels but its head has {head} outputs")
-        info = AdapterInfo(name, str(folder), method or record.method.name, labels, share, metrics, pairs)
+            raise AdapterConflict(f"adapter {name!r}: {vocabulary_file.name} lists {len(labels)} labels but its head "
+                                  f"has {head} outputs")
+        info = AdapterInfo(name, str(run.path), method or record.method.name, labels, share, metrics,
+                           self.task.adapter_settings(stored), self.task)
         self.adapters[name] = info
         return info
 
@@ -209,34 +213,35 @@ class ServedModel:
             raise AdapterNotFound(f"no adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
         return self.adapters[name].labels
 
-    def takes_pairs(self, name: str) -> bool | None:
-        """Whether the adapter was trained on sentence pairs (None: not known, e.g. the base or a plain folder)."""
+    def settings_of(self, name: str) -> dict:
+        """The task settings of an adapter (empty for the base model)."""
         info = self.adapters.get(name)
-        return info.pairs if info is not None else None
+        return info.settings if info is not None else {}
 
     # ------------------------------------------------------------------------------------------ inference
-    def classify(self, rows: Sequence[tuple[str, str, str | None]]) -> list[torch.Tensor | Exception]:
-        """Probabilities for rows of (adapter, text, text_pair or None), in one forward when the adapters allow.
+    def infer(self, rows: Sequence[tuple]) -> list[torch.Tensor | Exception]:
+        """The task's answer for rows of (adapter, *inputs) (classification: (adapter, text, text_pair or None) ->
+        probabilities), in one forward when the adapters allow.
 
         A row that fails (its text cannot be tokenized, its adapter was unloaded, its forward fails) gets its
-        exception instead of probabilities; the other rows are answered as usual."""
+        exception instead of an answer; the other rows are answered as usual."""
         out: list = [None] * len(rows)
         features: dict[int, dict] = {}
-        for i, (_, text, pair) in enumerate(rows):  # one row at a time: a bad text fails only its own row
+        for i, (_, *inputs) in enumerate(rows):  # one row at a time: a bad text fails only its own row
             try:
-                features[i] = D.encode(self.tokenizer, [D.Example(text, pair, None, 0)], self.max_length)[0]
+                features[i] = self.task.encode_row(self.tokenizer, tuple(inputs), self.max_length)
             except Exception as err:
-                out[i] = BadText(f"text {text[:40]!r} cannot be tokenized: {type(err).__name__}: {err}")
-        names = [name for name, _, _ in rows]
+                out[i] = BadText(f"text {str(inputs[0])[:40]!r} cannot be tokenized: {type(err).__name__}: {err}")
+        names = [row[0] for row in rows]
         with self.lock, torch.inference_mode():
             live = [i for i in features if names[i] == BASE or names[i] in self.model.adapters]
             for i in set(features) - set(live):  # unloaded while the request waited
                 out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
             groups = self._forward_rows(live, features, names, out) if live else []
-            widths = {name: len(self.labels_of(name)) for name in {names[i] for i in live}}
+            vocabularies = {name: self.labels_of(name) for name in {names[i] for i in live}}
         for index, logits in groups:
             for row, i in enumerate(index):
-                out[i] = torch.softmax(logits[row, :widths[names[i]]].float(), -1)
+                out[i] = self.task.row_output(logits[row], vocabularies[names[i]])
         return out
 
     def _forward_rows(self, index: list[int], features: dict[int, dict], names: list[str],
@@ -260,8 +265,8 @@ class ServedModel:
         return []
 
     def _forward(self, features: list[dict], names: list[str]) -> torch.Tensor:
-        batch = D.collate(self.tokenizer, features)
-        logits = self.model(**batch, adapter_names=names).logits
+        batch = self.task.collate(self.tokenizer, features)
+        logits = self.task.logits(self.task.forward(self.model, batch, adapter_names=names))
         if self.on_forward is not None:
             self.on_forward(names)
         return logits

@@ -1,6 +1,6 @@
 """Resumable checkpoints, written atomically and read without pickle.
 
-A checkpoint is a folder ``checkpoints/step-000123`` holding ``tensors.safetensors`` (trainable weights, optimizer
+``save_training`` / ``restore_training`` checkpoint a trainer and put it back. A checkpoint is a folder ``checkpoints/step-000123`` holding ``tensors.safetensors`` (trainable weights, optimizer
 moments, RNG state) and ``state.json`` (positions, scheduler, history). It is written under a temporary name and
 renamed when complete, so a run killed at any moment leaves either the whole checkpoint or none of it.
 """
@@ -84,3 +84,66 @@ def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# ------------------------------------------------------------------------------- a trainer's whole state
+def save_training(trainer) -> Path | None:
+    """Checkpoint a trainer: trainable weights, optimizer, scheduler, RNG, its position, the methods' own
+    resumable state (e.g. AdaLoRA's rank allocator). A collective under FSDP; only the main process writes."""
+    from . import distributed as dist
+    from .guards import check_savable
+
+    env = trainer.env
+    with dist.gather_for_save(trainer.model, env, trainer.config.distributed):
+        opt_tensors, opt_plain = optimizer_state(trainer.optimizer)
+        # whole optimizer moments: under FSDP2 they are shards, and gathering them is a collective on every rank
+        opt_tensors = {key: dist.full(value) for key, value in opt_tensors.items()}
+        if not env.main:
+            return None
+        check_savable(trainer._trainable_tensors(), "checkpoint", trainer._advice())
+        tensors = {f"param.{n}": p.detach().clone() for n, p in trainer._trainable_tensors()}
+    rng_tensors, rng_plain = rng_state()
+    method_plain = {}
+    for name, state in method_states(trainer.model):
+        method_tensors, method_plain[name] = state.state_dict()
+        tensors.update({f"method.{name}.{key}": value for key, value in method_tensors.items()})
+    state = dict(trainer.state, optimizer=opt_plain, scheduler=trainer.scheduler.state_dict(), rng=rng_plain,
+                 world=env.world, methods=method_plain)
+    state["scheduler"].pop("lr_lambdas", None)
+    return save(trainer.folder.checkpoints_dir, trainer.state["step"], {**tensors, **opt_tensors, **rng_tensors},
+                state, keep=trainer.config.keep_checkpoints)
+
+
+def restore_training(trainer) -> None:
+    """Put a trainer back where its last complete checkpoint left it (same number of processes)."""
+    from ..config import ConfigError
+
+    found = complete(trainer.folder.checkpoints_dir)
+    if not found:
+        raise FileNotFoundError(f"{trainer.folder.path}: no checkpoint to resume from")
+    tensors, state = load(found[-1])
+    if state.get("world", 1) != trainer.env.world:
+        raise ConfigError(f"{found[-1]}: the checkpoint was written by {state.get('world')} process(es), this run "
+                          f"has {trainer.env.world}; resume with the same number of processes")
+    with torch.no_grad():
+        for name, param in trainer.named_params.items():
+            param.copy_(tensors[f"param.{name}"])
+    restore_optimizer(trainer.optimizer, tensors, state.pop("optimizer"))
+    scheduler_state = state.pop("scheduler")
+    trainer.scheduler.load_state_dict({**scheduler_state, "lr_lambdas": [None]})
+    restore_rng(tensors, state.pop("rng"))
+    method_plain = state.pop("methods", {})
+    for name, method_state in method_states(trainer.model):
+        prefix = f"method.{name}."
+        method_state.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                     method_plain.get(name, {}))
+    state.pop("world", None)
+    trainer.state.update(state)
+    trainer._say(f"resumed from {found[-1].name} (step {trainer.state['step']}, epoch {trainer.state['epoch']})")
+
+
+def method_states(model) -> list:
+    """(adapter name, resumable method state) pairs, e.g. AdaLoRA's rank allocator."""
+    # TODO(issue 11, methods helper): read these through the core's public surface once it offers one
+    return [(name, record.injection.state) for name, record in getattr(model, "adapters", {}).items()
+            if hasattr(record.injection.state, "state_dict")]

@@ -14,6 +14,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from ..config import ConfigError
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -266,7 +268,7 @@ class RunConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False, allow_unicode=True)
 
 
-class ConfigProblem(ValueError):
+class ConfigProblem(ConfigError):
     """A configuration that cannot run (unknown key, wrong type, impossible combination)."""
 
 

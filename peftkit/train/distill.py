@@ -4,7 +4,8 @@ Teacher ``base``: the same network with its adapters disabled (``AdaptedModel.di
 copy of the weights is held. Its classifier head is new (random), so its logits mean nothing: the student is
 pulled towards the base model's hidden states instead (MSE or cosine distance), a regulariser against forgetting.
 Teacher ``<run folder>``: a trained model (e.g. a full fine-tuning run) loaded beside the student; the loss is
-Hinton et al.'s (1 − λ)·CE + λ·T²·KL(softmax(teacher/T) ‖ softmax(student/T)).
+Hinton et al.'s (1 − λ)·CE + λ·T²·KL(softmax(teacher/T) ‖ softmax(student/T)), with the task's own loss in place of
+CE. The teacher is read through ``RunFolder`` and must be of the same task and vocabulary.
 The teacher always runs in eval mode under ``torch.no_grad()``.
 """
 
@@ -14,27 +15,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigProblem
+from ..config import ConfigError
+from .folder import RunFolder
 
 
 class Distiller:
-    def __init__(self, section, student: nn.Module, labels) -> None:
+    def __init__(self, section, student: nn.Module, task, vocabulary) -> None:
         self.section = section
         self.student = student
+        self.task = task
         self.teacher = None
         if section.teacher != "base":
-            from .run import Run
-
-            run = Run(section.teacher)
-            if run.labels.names != labels.names:
-                raise ConfigProblem(f"distill.teacher {section.teacher}: its labels {run.labels.names[:10]} differ from "
-                                    f"this run's {labels.names[:10]}")
+            run = RunFolder(section.teacher).read()
+            if run.task.name != task.name:
+                raise ConfigError(f"distill.teacher {section.teacher}: a {run.task.name} run; this run's task is "
+                                  f"{task.name}")
+            theirs, mine = task.names(run.vocabulary), task.names(vocabulary)
+            if theirs != mine:
+                raise ConfigError(f"distill.teacher {section.teacher}: its labels {theirs[:10]} differ from "
+                                  f"this run's {mine[:10]}")
             self.teacher = run.model.eval()
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
         self.mode = section.resolved_mode
         if self.teacher is None and not hasattr(student, "disable_adapters"):
-            raise ConfigProblem("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
+            raise ConfigError("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
 
     @property
     def needs_hidden(self) -> bool:
@@ -43,29 +48,28 @@ class Distiller:
     def teacher_outputs(self, batch: dict):
         with torch.no_grad():
             if self.teacher is not None:
-                return self.teacher(**batch, output_hidden_states=self.needs_hidden)
+                return self.task.forward(self.teacher, batch, output_hidden_states=self.needs_hidden)
             was_training = self.student.training
             self.student.eval()
             try:
                 with self.student.disable_adapters():
-                    return self.student(**batch, output_hidden_states=self.needs_hidden)
+                    return self.task.forward(self.student, batch, output_hidden_states=self.needs_hidden)
             finally:
                 self.student.train(was_training)
 
-    def loss_sum(self, student_out, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Σ over the batch of (1 − λ)·CE + λ·distillation term."""
+    def loss_sum(self, student_out, batch: dict, task_loss: torch.Tensor) -> torch.Tensor:
+        """Σ over the batch of (1 − λ)·task loss + λ·distillation term (``task_loss``: the task's summed loss)."""
         section = self.section
-        logits = student_out.logits.float()
-        ce = F.cross_entropy(logits, labels, reduction="sum")
+        logits = self.task.logits(student_out).float()
         teacher = self.teacher_outputs(batch)
         if self.mode == "logits":
             t = section.temperature
-            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher.logits.float() / t, -1),
+            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(self.task.logits(teacher).float() / t, -1),
                           log_target=True, reduction="none").sum(-1)
             term = (t * t) * kl.sum()
         else:
             term = self.hidden_distance(student_out.hidden_states, teacher.hidden_states, batch.get("attention_mask"))
-        return (1 - section.alpha) * ce + section.alpha * term
+        return (1 - section.alpha) * task_loss + section.alpha * term
 
     def hidden_distance(self, student, teacher, mask) -> torch.Tensor:
         """Σ over examples of the mean distance between the chosen layers' hidden states (padding ignored)."""

@@ -82,7 +82,7 @@ def _adapter_method(name: str) -> TrainingMethod:
 # ------------------------------------------------------------------------------------------- head-only
 def feature_split(task: nn.Module):
     """(features(batch), classify(features)) of a classifier whose head reads pooled features."""
-    from ..heads import PooledForSequenceClassification
+    from ..tasks.heads import PooledForSequenceClassification
     from .config import ConfigProblem
 
     if isinstance(task, PooledForSequenceClassification):

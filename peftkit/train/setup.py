@@ -1,74 +1,50 @@
-"""What a training run is built from: the model folder, the data files (read and checked up front), the task model
-with its training method applied, and the learning-rate schedule."""
+"""What a training run is built from: the model folder, the data files (read and checked up front by the task),
+the task model with its training method applied, and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import data as D
+from ..tasks import Datasets, Task
+from ..tasks.data import DataError
 from .config import RunConfig
 from .methods import get as get_method
 
 
 def resolve_model(path: str) -> str:
     if path == "minilm":
-        from ..demo import minilm_path
+        from ..tasks.demo import minilm_path
 
         return str(minilm_path())
     if not Path(path).is_dir():
-        raise D.DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
+        raise DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
     return path
 
 
 def resolve_data(config: RunConfig) -> RunConfig:
     if config.train_file is None:
-        from ..demo import DATA_DIR
+        from ..tasks.demo import DATA_DIR
 
         return config.model_copy(update={"train_file": str(DATA_DIR / "intents_train.csv"),
                                          "test_file": config.test_file or str(DATA_DIR / "intents_test.csv")})
     return config
 
 
-@dataclass
-class Datasets:
-    labels: D.LabelMap
-    train: list[D.Example]
-    dev: list[D.Example]
-    test: list[D.Example] = field(default_factory=list)
-
-
-def load_datasets(config: RunConfig) -> Datasets:
-    """Read and check every file before anything is written (errors name file, line and column)."""
-    columns = D.Columns(config.text_column, config.label_column, config.text_pair_column)
-    train = D.read_examples(config.train_file, columns)
-    labels = D.LabelMap.from_examples(train)
-    if len(labels) < 2:
-        raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
-    if config.dev_file:
-        dev = D.read_examples(config.dev_file, columns)
-        labels.ids(dev, config.dev_file)
-    else:
-        train, dev = D.stratified_split(train, config.dev_split, config.seed)
-    test = []
-    if config.test_file:
-        test = D.read_examples(config.test_file, columns)
-        labels.ids(test, config.test_file)
-    return Datasets(labels, train, dev, test)
+def load_datasets(config: RunConfig, task: Task) -> Datasets:
+    """Read and check every file before anything is written (the task's errors name file, line and column)."""
+    return task.load_datasets(config)
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_model(config: RunConfig, model_path: str, labels: D.LabelMap, prepare: bool = True,
+def build_model(config: RunConfig, model_path: str, task: Task, vocabulary, prepare: bool = True,
                 run_info: dict | None = None) -> nn.Module:
-    from ..heads import build_classifier
-
-    names = dict(enumerate(labels.names))
-    model = build_classifier(model_path, len(labels), config.pooling, id2label=names,
-                             label2id={v: k for k, v in names.items()})
+    """The task's fresh model; with ``prepare``, the training method applied and the run's options set (bf16
+    storage of the frozen base, fast mode, gradient checkpointing)."""
+    model = task.build_model(model_path, config, vocabulary)
     if not prepare:
         return model
     method = get_method(config.method)

@@ -15,27 +15,23 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import data as D
-from ..io import atomic_write, output_error, recover_dir, write_dir, write_json
+from ..tasks import task_of
+from ..tasks.data import length_batches
 from . import checkpoint as C
 from . import distributed as dist
-from .config import ConfigProblem, RunConfig
-from .guards import StepGuard, TrainingDiverged, check_savable
+from .config import RunConfig
+from .evaluation import evaluate_and_keep_best
+from .folder import RunFolder, load_trained, no_grad_forward
+from .guards import StepGuard, check_savable
 from .methods import get as get_method
-from .metrics import TensorBoard, plot_confusion, plot_history, scores
-# re-exported: run.py and peftkit.serve import these from here
-from .setup import build_model, load_datasets, resolve_data, resolve_model, schedule  # noqa: F401
-
-LABELS_FILE = "labels.json"
-CONFIG_FILE = "config.yaml"
-REPORT_FILE = "report.json"
+from .metrics import TensorBoard, plot_history
+from .setup import build_model, load_datasets, resolve_data, resolve_model, schedule
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -43,16 +39,19 @@ class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False) -> None:
         self.config = resolve_data(config)
         self.resume = resume
-        self.run_dir = Path(self.config.output_dir)
+        self.folder = RunFolder(self.config.output_dir)
+        self.run_dir = self.folder.path
+        self.task = task_of(self.config)
         self.env = dist.environment()
 
     # -- entry point ---------------------------------------------------------------------------------
     def train(self) -> dict:
         config = self.config
         model_path = resolve_model(config.model)
-        datasets = load_datasets(config)  # every input problem surfaces here, before the run folder exists
+        datasets = load_datasets(config, self.task)  # every input problem surfaces here, before the run folder exists
         self._check_run_folder()
-        self._make_run_folder()
+        if self.env.main:
+            self.folder.create()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         from ..ops.memory import keep_freed_memory
@@ -64,14 +63,16 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.datasets = datasets
-        self.features = {name: D.encode(self.tokenizer, getattr(datasets, name), config.max_length)
+        self.features = {name: self.task.encode(self.tokenizer, getattr(datasets, name), config.max_length)
                          for name in ("train", "dev", "test")}
-        self.targets = {name: datasets.labels.ids(getattr(datasets, name), name) for name in ("train", "dev", "test")}
+        self.targets = {name: self.task.targets(getattr(datasets, name), datasets.vocabulary, name)
+                        for name in ("train", "dev", "test")}
         self.method = get_method(config.method)
         self.batches_per_epoch = math.ceil(len(datasets.train) / (config.batch_size * self.env.world))
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-        self.model = build_model(config, model_path, datasets.labels, run_info={"total_steps": self.total_steps})
+        self.model = build_model(config, model_path, self.task, datasets.vocabulary,
+                                 run_info={"total_steps": self.total_steps})
         self.wrapped = dist.wrap(self.model, self.env, config.distributed)
         # after wrapping: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -82,7 +83,7 @@ class Trainer:
         if config.distill is not None:
             from .distill import Distiller
 
-            self.distiller = Distiller(config.distill, self.model, datasets.labels)
+            self.distiller = Distiller(config.distill, self.model, self.task, datasets.vocabulary)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config, self.total_steps))
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0,
                       "skipped_steps": 0, "history": []}
@@ -90,9 +91,9 @@ class Trainer:
             self._restore()
         self.guard = StepGuard(config.max_skipped_steps, self.state, self._advice(), say=self.env.main)
         if self.env.main:
-            atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_yaml(), encoding="utf-8"))
-            write_json(self.run_dir / LABELS_FILE, datasets.labels.to_dict())
-        self.board = TensorBoard(self.run_dir / "tensorboard", enabled=self.env.main)
+            self.folder.write_config(config)
+            self.folder.write_vocabulary(self.task, datasets.vocabulary)
+        self.board = TensorBoard(self.folder.tensorboard_dir, enabled=self.env.main)
         self.model.train()  # from_pretrained returns models in eval mode: dropout would be off
         try:
             self._loop()
@@ -102,28 +103,14 @@ class Trainer:
             dist.shutdown(self.env)
         return report
 
-    def _make_run_folder(self) -> None:
-        """Create the run folder up front (an unwritable place fails here, before any work), and finish any
-        folder swap that a crash interrupted (see ``io.write_dir``)."""
-        if not self.env.main:
-            return
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise output_error(err, self.run_dir) from None
-        for name in ("best", "adapter", "model"):
-            recover_dir(self.run_dir / name)
-
     def _advice(self) -> str:
-        best = self.run_dir / "best"
+        best = self.folder.best_dir
         return (f"Nothing was saved from the diverged model (an earlier best, if any, stays in {best}). Lower the "
                 f"learning rate (now {self.config.peak_learning_rate:g}), keep max_grad_norm set, or use a longer "
                 "warm-up (warmup_ratio).")
 
     def _check_run_folder(self) -> None:
-        existing = self.run_dir / CONFIG_FILE
-        if existing.exists() and not self.resume:
-            if C.complete(self.run_dir / "checkpoints") or (self.run_dir / REPORT_FILE).exists():
+        if not self.resume and self.folder.holds_finished_or_resumable_run():
                 raise FileExistsError(
                     f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --output_dir"
                 )
@@ -141,7 +128,7 @@ class Trainer:
         window_loss, window_examples, started = 0.0, 0, time.perf_counter()
         accumulated = 0
         while state["step"] < self.total_steps:
-            order = D.length_batches(lengths, config.batch_size * self.env.world, seed=config.seed + state["epoch"])
+            order = length_batches(lengths, config.batch_size * self.env.world, seed=config.seed + state["epoch"])
             while state["batch"] < len(order) and state["step"] < self.total_steps:
                 if accumulated == 0:  # the window of this optimizer step (shorter at the end of an epoch)
                     window = order[state["batch"]:state["batch"] + config.gradient_accumulation_steps]
@@ -185,18 +172,18 @@ class Trainer:
 
         ``examples``: the global number of examples in this optimizer step's window of ``parts`` batches."""
         mine = indices[self.env.rank::self.env.world]
-        batch = D.collate(self.tokenizer, [self.features["train"][i] for i in mine])
-        labels = torch.tensor([self.targets["train"][i] for i in mine])
+        batch = self.task.collate(self.tokenizer, [self.features["train"][i] for i in mine])
+        targets = [self.targets["train"][i] for i in mine]
         context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
         with context, self._autocast():
-            if self.method.logits is not None:
+            if self.method.logits is not None:  # e.g. head-only training on cached features
                 logits = self.method.logits(self.wrapped, batch, [("train", i) for i in mine], self.config, self.method_store)
-                losses = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                losses = self.task.loss_sum(logits, targets)
             elif self.distiller is not None:
-                out = self.wrapped(**batch, output_hidden_states=self.distiller.needs_hidden)
-                losses = self.distiller.loss_sum(out, batch, labels)
+                out = self.task.forward(self.wrapped, batch, output_hidden_states=self.distiller.needs_hidden)
+                losses = self.distiller.loss_sum(out, batch, self.task.loss_sum(self.task.logits(out), targets))
             else:
-                losses = nn.functional.cross_entropy(self.wrapped(**batch).logits.float(), labels, reduction="sum")
+                losses = self.task.loss_sum(self.task.logits(self.task.forward(self.wrapped, batch)), targets)
             # ∑ over my examples / examples in the window, times world (DDP averages gradients over processes)
             loss = losses * self.env.world / examples
             extra = self.model.regularization() if hasattr(self.model, "regularization") else None
@@ -236,65 +223,24 @@ class Trainer:
         return self.state["step"] == self.total_steps
 
     # -- evaluation -----------------------------------------------------------------------------------
-    def predict(self, split: str) -> tuple[torch.Tensor, list[int]]:
-        """Logits of a split (rows in file order) and the true label ids."""
-        features = self.features[split]
+    def predict(self, split: str) -> tuple[torch.Tensor, list]:
+        """Logits of a split (rows in file order) and its targets."""
         self.model.eval()
-        outputs = []
-        lengths = [len(f["input_ids"]) for f in features]
-        order = sorted(range(len(features)), key=lambda i: lengths[i])
-        with torch.no_grad(), self._autocast():
-            for start in range(0, len(order), self.config.eval_batch_size):
-                idx = order[start:start + self.config.eval_batch_size]
-                outputs.append((idx, self.model(**D.collate(self.tokenizer, [features[i] for i in idx])).logits.float()))
+        logits = no_grad_forward(self.task, self.model, self.tokenizer, self.features[split],
+                                 self.config.eval_batch_size, self._autocast())
         self.model.train()
-        logits = torch.empty(len(features), len(self.datasets.labels))
-        for idx, out in outputs:
-            logits[idx] = out
         return logits, self.targets[split]
 
     def evaluate(self, split: str) -> dict:
         logits, targets = self.predict(split)
-        loss = float(nn.functional.cross_entropy(logits, torch.tensor(targets))) if targets else float("nan")
-        result = scores(targets, logits.argmax(-1).tolist(), self.datasets.labels.names)
-        result["loss"] = loss
-        return result
+        return self.task.metrics(logits, targets, self.datasets.vocabulary)
 
     @property
     def sharded(self) -> bool:
         return self.env.distributed and self.config.distributed == "fsdp"
 
     def _evaluate_and_keep_best(self) -> bool:
-        """Evaluate on dev, keep the best model, checkpoint; True when early stopping triggers.
-
-        Only the main process evaluates, except under FSDP, where every process takes part in the forward."""
-        config, state = self.config, self.state
-        stop = better = diverged = False
-        result = self.evaluate("dev") if self.datasets.dev and (self.env.main or self.sharded) else None
-        if self.env.main and result is not None:
-            metric = result["loss"] if config.metric_for_best_model == "loss" else result[config.metric_for_best_model]
-            diverged = not math.isfinite(result["loss"])  # a model with a NaN dev loss is never the best
-            better = not diverged and (state["best"] is None or (
-                metric < state["best"] if config.metric_for_best_model == "loss" else metric > state["best"]))
-            record = {"step": state["step"], "dev_loss": result["loss"], "dev_accuracy": result["accuracy"],
-                      "dev_macro_f1": result["macro_f1"]}
-            state["history"].append(record)
-            self.board.scalars({"dev/loss": result["loss"], "dev/accuracy": result["accuracy"],
-                                "dev/macro_f1": result["macro_f1"]}, state["step"])
-            if better:
-                state["best"], state["best_step"], state["bad_evals"] = metric, state["step"], 0
-            else:
-                state["bad_evals"] += 1
-                stop = bool(config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience)
-            self._say(f"step {state['step']}: dev loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
-                      f"macro-F1 {result['macro_f1']:.4f}" + (" (best)" if better else ""))
-        if dist.broadcast_flag(diverged, self.env):
-            raise TrainingDiverged(f"training diverged at step {state['step']}: the dev loss is not finite. "
-                                   + self._advice())
-        if dist.broadcast_flag(better, self.env):
-            self._save_model(self.run_dir / "best")
-        self._checkpoint()
-        return dist.broadcast_flag(stop, self.env)
+        return evaluate_and_keep_best(self)
 
     # -- saving -----------------------------------------------------------------------------------------
     def _save_model(self, directory: Path) -> None:
@@ -303,65 +249,21 @@ class Trainer:
             if not self.env.main:
                 return
             check_savable(self._trainable_tensors(), "model", self._advice())
-            write_dir(directory, lambda tmp: self.method.save(self.model, tmp))
+            self.folder.save_model(self.method, self.model, directory)
 
     def _trainable_tensors(self):
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
     def _checkpoint(self) -> None:
-        with dist.gather_for_save(self.model, self.env, self.config.distributed):
-            opt_tensors, opt_plain = C.optimizer_state(self.optimizer)
-            # whole optimizer moments: under FSDP2 they are shards, and gathering them is a collective on every rank
-            opt_tensors = {key: dist.full(value) for key, value in opt_tensors.items()}
-            if not self.env.main:
-                return
-            check_savable(self._trainable_tensors(), "checkpoint", self._advice())
-            tensors = {f"param.{n}": p.detach().clone() for n, p in self._trainable_tensors()}
-        rng_tensors, rng_plain = C.rng_state()
-        method_plain = {}
-        for name, state in self._method_states():
-            method_tensors, method_plain[name] = state.state_dict()
-            tensors.update({f"method.{name}.{key}": value for key, value in method_tensors.items()})
-        state = dict(self.state, optimizer=opt_plain, scheduler=self.scheduler.state_dict(), rng=rng_plain,
-                     world=self.env.world, methods=method_plain)
-        state["scheduler"].pop("lr_lambdas", None)
-        C.save(self.run_dir / "checkpoints", self.state["step"], {**tensors, **opt_tensors, **rng_tensors}, state,
-               keep=self.config.keep_checkpoints)
-
-    def _method_states(self):
-        """(adapter name, resumable method state) pairs, e.g. AdaLoRA's rank allocator."""
-        for name, record in getattr(self.model, "adapters", {}).items():
-            if hasattr(record.injection.state, "state_dict"):
-                yield name, record.injection.state
+        C.save_training(self)
 
     def _restore(self) -> None:
-        found = C.complete(self.run_dir / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
-        tensors, state = C.load(found[-1])
-        if state.get("world", 1) != self.env.world:
-            raise ConfigProblem(f"{found[-1]}: the checkpoint was written by {state.get('world')} process(es), this run "
-                                f"has {self.env.world}; resume with the same number of processes")
-        with torch.no_grad():
-            for name, param in self.named_params.items():
-                param.copy_(tensors[f"param.{name}"])
-        C.restore_optimizer(self.optimizer, tensors, state.pop("optimizer"))
-        scheduler_state = state.pop("scheduler")
-        self.scheduler.load_state_dict({**scheduler_state, "lr_lambdas": [None]})
-        C.restore_rng(tensors, state.pop("rng"))
-        method_plain = state.pop("methods", {})
-        for name, method_state in self._method_states():
-            prefix = f"method.{name}."
-            method_state.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                         method_plain.get(name, {}))
-        state.pop("world", None)
-        self.state.update(state)
-        self._say(f"resumed from {found[-1].name} (step {self.state['step']}, epoch {self.state['epoch']})")
+        C.restore_training(self)
 
     # -- the end ----------------------------------------------------------------------------------------
     def _finish(self) -> dict:
         config = self.config
-        best_dir = self.run_dir / "best"
+        best_dir = self.folder.best_dir
         share = _trainable(self.model)  # of the model as trained (the reloaded one below is frozen)
         if self.sharded:  # under FSDP the final weights are the result (reloading the best would need a re-shard)
             self._save_model(best_dir)
@@ -371,7 +273,8 @@ class Trainer:
         results = {split: self.evaluate(split) for split in ("dev", "test")
                    if getattr(self.datasets, split) and (self.env.main or self.sharded)}
         if self.env.main:
-            report = {"method": config.method, "model": config.model, "labels": self.datasets.labels.names,
+            report = {"method": config.method, "model": config.model,
+                      "labels": self.task.names(self.datasets.vocabulary),
                       "trainable_parameters": share[0], "total_parameters": share[1], "trainable_share": share[2],
                       "steps": self.state["step"], "best_step": self.state["best_step"],
                       "skipped_steps": self.state["skipped_steps"],
@@ -384,33 +287,25 @@ class Trainer:
     def _load_best(self, best_dir: Path) -> None:
         """Evaluate what was saved: the best artifact reloaded into a fresh base model through the method's own
         (strict) loader, exactly as ``peftkit eval`` will see it."""
-        fresh = build_model(self.config, resolve_model(self.config.model), self.datasets.labels, prepare=False)
-        self.model = self.method.load(fresh, best_dir).eval()
+        self.model = load_trained(self.config, self.task, self.datasets.vocabulary, best_dir)
 
     def _write_outputs(self, report: dict) -> None:
-        run = self.run_dir
-        for name in ("adapter", "model"):
-            source = run / "best" / name
-            if source.exists():
-                write_dir(run / name, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
-        if not (run / "best").exists():  # no dev set: the final weights are the result
-            self._save_model(run / "best")
+        folder = self.folder
+        folder.publish_best()
+        if not folder.best_dir.exists():  # no dev set: the final weights are the result
+            self._save_model(folder.best_dir)
             self._write_outputs(report)
             return
-        plots = run / "plots"
-        plot_history(self.state["history"], plots)
-        for split in ("dev", "test"):
-            if split in report:
-                plot_confusion(report[split]["confusion_matrix"], self.datasets.labels.names,
-                               plots / f"confusion_{split}.png", f"confusion matrix ({split})")
+        plot_history(self.state["history"], folder.plots_dir, self.task.curve_metrics)
+        self.task.plots(report, self.datasets.vocabulary, folder.plots_dir)
         report["history"] = self.state["history"]
-        write_json(run / REPORT_FILE, report)
+        folder.write_report(report)
         for split in ("dev", "test"):
             if split in report:
                 self._say(f"\n{split} set ({len(getattr(self.datasets, split))} examples):\n{report[split]['report_text']}"
-                          f"\naccuracy {report[split]['accuracy']:.4f}   macro-F1 {report[split]['macro_f1']:.4f}")
+                          f"\n{self.task.summary(report[split])}")
         self._say(f"trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
-                  f"({100 * report['trainable_share']:.3f}%)\nrun folder: {run}")
+                  f"({100 * report['trainable_share']:.3f}%)\nrun folder: {folder.path}")
 
     # -- output ----------------------------------------------------------------------------------------
     def _say(self, text: str) -> None:

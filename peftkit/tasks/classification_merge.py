@@ -1,4 +1,4 @@
-"""The folder ``peftkit merge`` writes, and what it says about itself.
+"""The folder ``peftkit merge`` writes for a classification run, and what it says about itself.
 
 Two layouts, depending on the run's pooling:
 
@@ -13,19 +13,21 @@ Both also hold the tokenizer, ``peftkit_head.json`` (labels, pooling and the run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-MARKER = "peftkit_head.json"
+from . import MERGED_MARKER as MARKER
+from . import data as D
+
 # run settings a merged folder carries, so that predict/eval read texts the way the run did
 CARRIED = ("method", "max_length", "text_column", "text_pair_column", "label_column")
 
 
-def write(folder: Path, plain: nn.Module, labels: list[str], config, run_path: Path, tokenizer) -> None:
-    """Fill ``folder`` (empty, about to be renamed into place) with the merged model ``plain``."""
-    from ..heads import PooledForSequenceClassification
+def write(folder: Path, plain: nn.Module, labels: list[str], config, run_path: Path, tokenizer) -> dict:
+    """Fill ``folder`` (empty, about to be renamed into place) with the merged model ``plain``; returns the
+    marker, which the caller writes to ``MARKER``."""
+    from .heads import PooledForSequenceClassification
 
     plain.config.id2label = dict(enumerate(labels))
     plain.config.label2id = {name: i for i, name in enumerate(labels)}
@@ -35,12 +37,26 @@ def write(folder: Path, plain: nn.Module, labels: list[str], config, run_path: P
     marker = {"format": "encoder + pooling + linear head" if pooled else "AutoModelForSequenceClassification",
               "pooling": plain.pooling if pooled else "pooler", "labels": labels, "base_model": config.model,
               "merged_from": str(run_path), **{key: getattr(config, key) for key in CARRIED}}
-    (folder / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False), encoding="utf-8")
     (folder / "README.md").write_text(_readme(marker, plain, pooled), encoding="utf-8")
+    return marker
 
 
-def read_marker(folder: Path) -> dict:
-    return json.loads((folder / MARKER).read_text(encoding="utf-8"))
+def open_folder(marker: dict) -> tuple[dict, D.LabelMap]:
+    """(run config values, labels) of a merged folder, from its marker."""
+    carried = {key: marker[key] for key in CARRIED if key in marker}
+    return {"pooling": marker["pooling"], **carried}, D.LabelMap(marker["labels"])
+
+
+def model(folder: Path, pooling: str, labels: D.LabelMap) -> nn.Module:
+    """The merged classifier, read whole from the folder (its own trained head)."""
+    from .heads import build_classifier
+
+    built = build_classifier(folder, None, pooling).eval()
+    outputs = built.num_labels if hasattr(built, "num_labels") else built.config.num_labels
+    if outputs != len(labels):
+        raise D.DataError(f"{folder}: the model has {outputs} outputs but {MARKER} lists {len(labels)} labels; "
+                          "merge the run again")
+    return built
 
 
 def _readme(marker: dict, plain: nn.Module, pooled: bool) -> str:
@@ -51,7 +67,7 @@ def _readme(marker: dict, plain: nn.Module, pooled: bool) -> str:
             "peftkit.\n")
     common = ("- tokenizer files: `AutoTokenizer.from_pretrained(this folder)`; the run truncated texts to "
               f"{marker['max_length']} tokens.\n"
-              "- `peftkit_head.json`: labels, pooling and the run's text settings (read by `peftkit predict/eval "
+              f"- `{MARKER}`: labels, pooling and the run's text settings (read by `peftkit predict/eval "
               "--run` and `peftkit serve --base`, where the adapter name `base` uses this head).\n")
     if not pooled:
         return (f"# Merged model: a transformers sequence classifier\n\n{head}\n"

@@ -108,7 +108,7 @@ class PooledForSequenceClassification(nn.Module):
         """Load a trained ``classifier.safetensors`` (strict: keys and shapes must match)."""
         from safetensors.torch import load_file
 
-        from .io import AdapterFileError
+        from ..io import AdapterFileError
 
         tensors = load_file(str(path))
         hidden = self.encoder.config.hidden_size

@@ -1,0 +1,240 @@
+"""Text classification: single texts or sentence pairs, one label each (``task: classification``, the default).
+
+The model is a sequence classifier with a choice of pooling (``heads.py``); data are CSV/TSV/JSONL files with a
+text column, an optional second text column and a label column (``data.py``); the vocabulary is the sorted label
+set of the training file (``labels.json``); the loss is cross-entropy; metrics are scikit-learn's
+(``classification_metrics.py``); a merged folder is a transformers classifier or encoder + pooling + head
+(``classification_merge.py``); the server answers ``POST /v1/classify`` (``classification_serve.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import Datasets, ServeSchema, Task, register_task
+from . import data as D
+
+
+class Classification(Task):
+    name = "classification"
+    vocabulary_file = "labels.json"
+    column_keys = ("text_column", "text_pair_column", "label_column")
+    curve_metrics = ("accuracy", "macro_f1")
+
+    # -- the model ---------------------------------------------------------------------------------------
+    def build_model(self, model_path: str, config, vocabulary: D.LabelMap) -> nn.Module:
+        from .heads import build_classifier
+
+        names = dict(enumerate(vocabulary.names))
+        return build_classifier(model_path, len(vocabulary), config.pooling, id2label=names,
+                                label2id={v: k for k, v in names.items()})
+
+    def serving_base(self, model_path: str, options: dict) -> tuple[nn.Module, list[str] | None, dict]:
+        from .heads import build_classifier, resolve_pooling
+
+        pooling = resolve_pooling(model_path, options.get("pooling", "auto"))
+        model = build_classifier(model_path, num_labels=None, pooling=pooling)  # keeps a trained head
+        return model, _trained_head_labels(model), {"pooling": pooling}
+
+    def check_adapter(self, name: str, stored_config: dict, settings: dict, model_path: str) -> str | None:
+        from .heads import resolve_pooling
+
+        pooling = stored_config.get("pooling", "auto")
+        if resolve_pooling(model_path, pooling) != settings["pooling"]:
+            return (f"adapter {name!r} was trained with pooling {pooling!r}; this server's base uses "
+                    f"{settings['pooling']!r} (start it with --pooling {pooling})")
+        return None
+
+    # -- reading data ------------------------------------------------------------------------------------
+    def read(self, path: str | Path, config, labelled: bool = True) -> list[D.Example]:
+        columns = D.Columns(config.text_column, config.label_column, config.text_pair_column)
+        return D.read_examples(path, columns, labelled=labelled)
+
+    def load_datasets(self, config) -> Datasets:
+        train = self.read(config.train_file, config)
+        labels = D.LabelMap.from_examples(train)
+        if len(labels) < 2:
+            raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
+        if config.dev_file:
+            dev = self.read(config.dev_file, config)
+            labels.ids(dev, config.dev_file)
+        else:
+            train, dev = D.stratified_split(train, config.dev_split, config.seed)
+        test = []
+        if config.test_file:
+            test = self.read(config.test_file, config)
+            labels.ids(test, config.test_file)
+        return Datasets(labels, train, dev, test)
+
+    def inputs(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[D.Example]:
+        return [D.Example(t, pairs[i] if pairs else None, None, i + 1) for i, t in enumerate(texts)]
+
+    def vocabulary_to_dict(self, vocabulary: D.LabelMap) -> dict:
+        return vocabulary.to_dict()
+
+    def vocabulary_from_dict(self, data: dict) -> D.LabelMap:
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+            raise D.DataError('must hold {"labels": [names...]}')
+        return D.LabelMap.from_dict(data)
+
+    def names(self, vocabulary: D.LabelMap) -> list[str]:
+        return vocabulary.names
+
+    def targets(self, examples: Sequence[D.Example], vocabulary: D.LabelMap, source: str) -> list[int]:
+        return vocabulary.ids(examples, source)
+
+    # -- batches -------------------------------------------------------------------------------------------
+    def encode(self, tokenizer, examples: Sequence[D.Example], max_length: int) -> list[dict]:
+        return D.encode(tokenizer, examples, max_length)
+
+    def collate(self, tokenizer, features: Sequence[dict]) -> dict:
+        return D.collate(tokenizer, features)
+
+    def loss_sum(self, logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float(), torch.as_tensor(list(targets)), reduction="sum")
+
+    # -- evaluation and report ---------------------------------------------------------------------------
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), -1)
+
+    def metrics(self, logits: torch.Tensor, targets: Sequence[int], vocabulary: D.LabelMap) -> dict:
+        from .classification_metrics import scores
+
+        targets = list(targets)
+        loss = float(nn.functional.cross_entropy(logits.float(), torch.tensor(targets))) if targets else float("nan")
+        result = scores(targets, logits.argmax(-1).tolist(), vocabulary.names)
+        result["loss"] = loss
+        return result
+
+    def summary(self, result: dict) -> str:
+        return f"accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}"
+
+    def plots(self, report: dict, vocabulary: D.LabelMap, directory: Path) -> None:
+        from .classification_metrics import plot_confusion
+
+        for split in ("dev", "test"):
+            if split in report:
+                plot_confusion(report[split]["confusion_matrix"], vocabulary.names,
+                               directory / f"confusion_{split}.png", f"confusion matrix ({split})")
+
+    def settings(self, config) -> dict:
+        return {"pooling": config.pooling}
+
+    def info(self, report: dict) -> dict:
+        out = {}
+        for split in ("dev", "test"):
+            if split in report:
+                out[f"{split} accuracy"] = round(report[split]["accuracy"], 4)
+                out[f"{split} macro-F1"] = round(report[split]["macro_f1"], 4)
+        return out
+
+    # -- prediction output -------------------------------------------------------------------------------
+    def prediction_rows(self, examples: Sequence[D.Example], outputs: torch.Tensor, vocabulary: D.LabelMap) -> list[dict]:
+        names, pairs = vocabulary.names, examples and examples[0].text_pair is not None
+        rows = []
+        for i, example in enumerate(examples):
+            best = int(outputs[i].argmax())
+            rows.append({"text": example.text, **({"text_pair": example.text_pair} if pairs else {}),
+                         "label": names[best], "probability": round(float(outputs[i, best]), 6),
+                         "probabilities": {name: round(float(p), 6) for name, p in zip(names, outputs[i])}})
+        return rows
+
+    def write_predictions(self, path: Path, rows: list[dict], vocabulary: D.LabelMap) -> None:
+        from ..io import atomic_write
+
+        names = vocabulary.names
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="") as handle:
+                if path.suffix.lower() == ".jsonl":
+                    for row in rows:
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    return
+                fields = [k for k in ("text", "text_pair") if k in rows[0]] + ["label", "probability"] + \
+                    [f"p_{n}" for n in names]
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                for row in rows:
+                    flat = {k: row[k] for k in fields if k in row}
+                    flat.update({f"p_{n}": row["probabilities"][n] for n in names})
+                    writer.writerow(flat)
+
+        atomic_write(path, write)
+
+    # -- merged folders ------------------------------------------------------------------------------------
+    def write_merged(self, folder: Path, plain: nn.Module, vocabulary: D.LabelMap, config, run_path: Path,
+                     tokenizer) -> dict:
+        from . import classification_merge as M
+
+        return M.write(folder, plain, vocabulary.names, config, run_path, tokenizer)
+
+    def open_merged(self, folder: Path, marker: dict) -> tuple[dict, D.LabelMap]:
+        from . import classification_merge as M
+
+        return M.open_folder(marker)
+
+    def merged_model(self, folder: Path, config, vocabulary: D.LabelMap) -> nn.Module:
+        from . import classification_merge as M
+
+        return M.model(folder, config.pooling, vocabulary)
+
+    # -- serving -------------------------------------------------------------------------------------------
+    def serve_schema(self) -> ServeSchema:
+        from .classification_serve import ClassifyRequest, ClassifyResponse
+
+        return ServeSchema("/v1/classify", ClassifyRequest, ClassifyResponse, verb="classify")
+
+    def request_rows(self, request) -> list[tuple[str, str | None]]:
+        if request.texts is not None:
+            return [(text, None) for text in request.texts]
+        return [(a, b) for a, b in request.pairs]
+
+    def request_problem(self, request, settings: dict) -> str | None:
+        takes_pairs = settings.get("pairs")
+        if takes_pairs is None or takes_pairs == (request.pairs is not None):
+            return None
+        wanted, sent = ("'pairs' ([[text, text_pair], ...])", "single texts") if takes_pairs else ("'texts'", "pairs")
+        return (f"adapter {request.adapter!r} was trained on {'sentence pairs' if takes_pairs else 'single texts'} "
+                f"but the request sends {sent}: send {wanted}")
+
+    def row_output(self, logits: torch.Tensor, names: list[str]) -> torch.Tensor:
+        return torch.softmax(logits[:len(names)].float(), -1)  # the shared head may be wider than this adapter's
+
+    def response(self, adapter: str, outputs: list[torch.Tensor], names: list[str]):
+        from .classification_serve import ClassifyResponse, Prediction
+
+        predictions = []
+        for probs in outputs:  # full float32 precision: answers equal `peftkit predict` bit for bit
+            best = int(probs.argmax())
+            predictions.append(Prediction(label=names[best], probability=float(probs[best]),
+                                          probabilities={name: float(p) for name, p in zip(names, probs)}))
+        return ClassifyResponse(adapter=adapter, predictions=predictions)
+
+    def adapter_settings(self, stored_config: dict | None) -> dict:
+        # True: trained on sentence pairs; False: on single texts; None: not known (a plain adapter folder)
+        return {"pairs": None if stored_config is None else bool(stored_config.get("text_pair_column"))}
+
+    def served_metrics(self, report: dict) -> dict:
+        return {split: round(report[split]["accuracy"], 4) for split in ("dev", "test") if split in report}
+
+    def adapter_public(self, settings: dict) -> dict:
+        return {"input": {True: "pairs", False: "texts", None: "texts or pairs"}[settings.get("pairs")]}
+
+
+def _trained_head_labels(model: nn.Module) -> list[str] | None:
+    """The base model's own labels if its head came from the checkpoint (not initialised at random)."""
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if head is None or not all(getattr(p, "_is_hf_initialized", False) for p in head.parameters()):
+        return None
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return [str(id2label.get(i, i)) for i in range(next(head.parameters()).shape[0])]
+
+
+register_task(Classification())
