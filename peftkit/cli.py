@@ -35,10 +35,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .io import AdapterFileError
     from .targets import TargetError
-    from .train.config import ConfigProblem
 
     # OSError: FileExistsError, FileNotFoundError, and outputs that cannot be written (io.OutputError)
-    return DataError, ConfigProblem, ConfigError, AdapterFileError, TargetError, UsageError, OSError
+    return DataError, ConfigError, AdapterFileError, TargetError, UsageError, OSError
 
 
 def main(argv: list[str] | None = None) -> int:

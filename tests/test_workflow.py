@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from peftkit.cli import main
-from peftkit.train.config import ConfigProblem, load
+from peftkit.config import ConfigError
+from peftkit.train.config import load
 
 from workflow_helpers import intent_rows, tiny_model_dir, write_csv
 
@@ -34,19 +35,19 @@ def train_args(files, out, *extra):
 
 # ------------------------------------------------------------------------------------------------ config
 def test_unknown_key_wrong_type_and_combinations_are_refused(tmp_path, capsys):
-    with pytest.raises(ConfigProblem, match=r"unknown config key 'learnig_rate'; did you mean 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'learnig_rate'; did you mean 'learning_rate'"):
         load(None, ["--learnig_rate", "3e-4"])
-    with pytest.raises(ConfigProblem, match=r"unknown config key 'lora.rank'.*valid keys: lora.r, "):
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.rank'.*valid keys: lora.r, "):
         load(None, ["--lora.rank", "4"])
-    with pytest.raises(ConfigProblem, match=r"batch_size: .*integer"):
+    with pytest.raises(ConfigError, match=r"batch_size: .*integer"):
         load(None, ["--batch_size", "many"])
-    with pytest.raises(ConfigProblem, match=r"lr_scheduler: .*'linear', 'cosine' or 'constant'"):
+    with pytest.raises(ConfigError, match=r"lr_scheduler: .*'linear', 'cosine' or 'constant'"):
         load(None, ["--lr_scheduler", "step"])
-    with pytest.raises(ConfigProblem, match=r"lora: settings given, but method is 'head'"):
+    with pytest.raises(ConfigError, match=r"lora: settings given, but method is 'head'"):
         load(None, ["--method", "head", "--lora.r", "4"])
-    with pytest.raises(ConfigProblem, match=r"method: 'lorra' is not a training method; choose one of .*lora"):
+    with pytest.raises(ConfigError, match=r"method: 'lorra' is not a training method; choose one of .*lora"):
         load(None, ["--method", "lorra"])
-    with pytest.raises(ConfigProblem, match="early_stopping_patience needs evaluations"):
+    with pytest.raises(ConfigError, match="early_stopping_patience needs evaluations"):
         load(None, ["--early_stopping_patience", "2", "--eval_strategy", "no"])
     config_file = tmp_path / "c.yaml"
     config_file.write_text("method: lora\nlora:\n  r: 4\nlearning_rate: 0.001\n")

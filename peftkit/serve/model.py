@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 import torch
 
 from .. import data as D
-from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, base_fingerprint, find_adapter_dir
-from ..model import BASE, AdaptedModel, _check_adapter_name
+from ..fingerprint import base_fingerprint
+from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, find_adapter_dir
+from ..model import BASE, AdaptedModel
+from ..names import AdapterExistsError, AdapterNameError, check_adapter_name
 
 log = logging.getLogger("peftkit.serve")
 
@@ -116,9 +118,11 @@ class ServedModel:
         """Load an adapter folder; every problem of the folder is an AdapterConflict, BadAdapterRequest or
         AdapterNotFound, and leaves nothing behind."""
         try:
-            _check_adapter_name(name, self.adapters)
-        except ValueError as err:
-            raise (AdapterConflict if "already exists" in str(err) else BadAdapterRequest)(str(err)) from None
+            check_adapter_name(name, self.adapters)
+        except AdapterExistsError as err:
+            raise AdapterConflict(str(err)) from None
+        except AdapterNameError as err:
+            raise BadAdapterRequest(str(err)) from None
         try:
             return self._load(name, path)
         except (AdapterNotFound, AdapterConflict, BadAdapterRequest):
@@ -196,8 +200,7 @@ class ServedModel:
         if name not in self.model.adapters:
             raise AdapterNotFound(f"no adapter named {name!r}")
         with self.lock:
-            self.model.delete_adapter(name)
-            self.model._drop_empty_layers()
+            self.model.delete_adapter(name)  # unwraps the layers it leaves empty
         self.adapters.pop(name, None)
 
     def labels_of(self, name: str) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigProblem
+from ..config import ConfigError
 
 
 class Distiller:
@@ -27,14 +27,14 @@ class Distiller:
 
             run = Run(section.teacher)
             if run.labels.names != labels.names:
-                raise ConfigProblem(f"distill.teacher {section.teacher}: its labels {run.labels.names[:10]} differ from "
+                raise ConfigError(f"distill.teacher {section.teacher}: its labels {run.labels.names[:10]} differ from "
                                     f"this run's {labels.names[:10]}")
             self.teacher = run.model.eval()
             for param in self.teacher.parameters():
                 param.requires_grad_(False)
         self.mode = section.resolved_mode
         if self.teacher is None and not hasattr(student, "disable_adapters"):
-            raise ConfigProblem("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
+            raise ConfigError("distill.teacher base needs an adapter method (the teacher is the network with adapters off)")
 
     @property
     def needs_hidden(self) -> bool:

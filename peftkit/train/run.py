@@ -18,7 +18,8 @@ import yaml
 from .. import data as D
 from ..io import recover_dir
 from . import merged as M
-from .config import ConfigProblem, RunConfig
+from ..config import ConfigError
+from .config import RunConfig
 from .methods import ADAPTER_DIR, MODEL_DIR, get as get_method
 from .trainer import CONFIG_FILE, LABELS_FILE, REPORT_FILE, build_model, resolve_model
 
@@ -39,7 +40,7 @@ class Run:
             stored = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
             self.config = RunConfig.model_validate(stored, context={"stored": True})  # as written by an older version too
         except Exception as err:
-            raise ConfigProblem(f"{self.path / CONFIG_FILE}: {err}") from None
+            raise ConfigError(f"{self.path / CONFIG_FILE}: {err}") from None
         for name in (ADAPTER_DIR, MODEL_DIR):  # a crash in the middle of replacing a folder: see io.write_dir
             recover_dir(self.path / name)
         self.labels = D.LabelMap.from_dict(json.loads((self.path / LABELS_FILE).read_text(encoding="utf-8")))
@@ -53,7 +54,7 @@ class Run:
             self.config = RunConfig.model_validate({"model": str(self.path), "pooling": marker["pooling"], **carried})
             self.labels = D.LabelMap(marker["labels"])
         except Exception as err:
-            raise ConfigProblem(f"{self.path / M.MARKER}: {err}") from None
+            raise ConfigError(f"{self.path / M.MARKER}: {err}") from None
         self.report = {}
 
     @property

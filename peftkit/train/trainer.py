@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .. import data as D
+from ..model import count_parameters
 from ..io import atomic_write, output_error, recover_dir, write_dir, write_json
 from . import checkpoint as C
 from . import distributed as dist
-from .config import ConfigProblem, RunConfig
+from ..config import ConfigError
+from .config import RunConfig
 from .guards import StepGuard, TrainingDiverged, check_savable
 from .methods import get as get_method
 from .metrics import TensorBoard, plot_confusion, plot_history, scores
@@ -330,9 +332,7 @@ class Trainer:
 
     def _method_states(self):
         """(adapter name, resumable method state) pairs, e.g. AdaLoRA's rank allocator."""
-        for name, record in getattr(self.model, "adapters", {}).items():
-            if hasattr(record.injection.state, "state_dict"):
-                yield name, record.injection.state
+        return self.model.method_states() if hasattr(self.model, "method_states") else []
 
     def _restore(self) -> None:
         found = C.complete(self.run_dir / "checkpoints")
@@ -340,7 +340,7 @@ class Trainer:
             raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
         tensors, state = C.load(found[-1])
         if state.get("world", 1) != self.env.world:
-            raise ConfigProblem(f"{found[-1]}: the checkpoint was written by {state.get('world')} process(es), this run "
+            raise ConfigError(f"{found[-1]}: the checkpoint was written by {state.get('world')} process(es), this run "
                                 f"has {self.env.world}; resume with the same number of processes")
         with torch.no_grad():
             for name, param in self.named_params.items():
@@ -435,10 +435,8 @@ class Trainer:
 
 
 def _trainable(model: nn.Module) -> tuple[int, int, float]:
-    params = {id(p): p for p in model.parameters()}.values()
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return trainable, total, trainable / total if total else 0.0
+    counted = count_parameters(model)
+    return counted.trainable, counted.total, counted.share
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
