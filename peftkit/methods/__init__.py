@@ -67,6 +67,8 @@ class Method:
     reserved_names: ClassVar[frozenset[str]] = frozenset()
     #: False only for a method that trains the model itself rather than an adapter (full fine-tuning)
     adapter: ClassVar[bool] = True
+    #: whether a freshly added adapter leaves the model's outputs unchanged (before any training)
+    identity_at_init: ClassVar[bool] = True
     #: folder of the method's output inside a training run
     artifact: ClassVar[str] = "adapter"
     #: optional ``(model, batch, example keys, config, store) -> logits`` used by ``peftkit train`` instead of the

@@ -183,9 +183,8 @@ class AdaLoraMethod(Method):
     config_cls = AdaLoraConfig
     peft_type = "ADALORA"
     default_lr = 1e-3
-    # tinit/tfinal/total_step None: derived from the run's length by config_for_run
-    recipe = {"alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "deltaT": 10, "tinit": None, "tfinal": None,
-              "total_step": None}
+    # tinit/tfinal None (and total_step, None by default): derived from the run's length by config_for_run
+    recipe = {"alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "deltaT": 10, "tinit": None, "tfinal": None}
     reserved_names = frozenset({"lora_A", "lora_E", "lora_B"})
     registry = ADALORA_LAYERS
 

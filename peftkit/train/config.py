@@ -61,7 +61,9 @@ def _config_error(method: str, config_cls: type, err: Exception) -> str:
     """A dataclass check's message, prefixed with the key it names (``lora.r: r must be ...``)."""
     message = str(err)
     key = next((f.name for f in dataclasses.fields(config_cls) if re.match(rf"{re.escape(f.name)}\b", message)), None)
-    return f"{method}.{key}: {message}" if key else f"{method}: {message}"
+    if key is None:
+        return f"{method}: {message}"
+    return f"{method}.{key}: {message.removeprefix(key + ': ')}"
 
 
 class DistillSection(Section):
