@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-from peftkit import io
 from peftkit.cli import main
 from peftkit.layers.base import AdapterLayer
 from peftkit.train.config import RunConfig, load
