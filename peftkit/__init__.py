@@ -9,18 +9,22 @@
 from .config import AdapterConfig, ConfigError
 from .fast import fast_training
 from .io import AdapterFileError
-from .methods import available_methods, get_method, register_method
+from .methods import Method, available_methods, get_method, register_method, unregister_method
 from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
+from .methods.dora import DoraConfig
+from .methods.full import FullConfig
 from .methods.head import HeadConfig
 from .methods.lora import LoraConfig
-from .model import AdaptedModel, TrainableParameters, adapt, load_adapter
+from .model import AdaptedModel, TrainableParameters, adapt, count_parameters, load_adapter
+from .names import AdapterExistsError, AdapterNameError, check_adapter_name
 from .targets import TargetError
 from .version import __version__
 
 __all__ = [
-    "AdaLoraConfig", "AdaptedModel", "BitFitConfig", "BottleneckConfig", "AdapterConfig", "AdapterFileError", "ConfigError", "HeadConfig", "LoraConfig", "TargetError",
-    "TrainableParameters", "__version__", "adapt", "available_methods", "fast_training", "get_method", "load_adapter",
-    "register_method",
+    "AdaLoraConfig", "AdaptedModel", "AdapterConfig", "AdapterExistsError", "AdapterFileError", "AdapterNameError",
+    "BitFitConfig", "BottleneckConfig", "ConfigError", "DoraConfig", "FullConfig", "HeadConfig", "LoraConfig", "Method",
+    "TargetError", "TrainableParameters", "__version__", "adapt", "available_methods", "check_adapter_name",
+    "count_parameters", "fast_training", "get_method", "load_adapter", "register_method", "unregister_method",
 ]

@@ -47,6 +47,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by ``peftkit train --help`` for the method's CLI keys)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

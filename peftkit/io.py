@@ -5,6 +5,8 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor
 name. ``_entries`` is the one function that maps an adapter's live parameters to those keys; saving reads through
 it (``saved_state``) and loading writes through it (``check_and_load``), so the two cannot drift apart. A layer
 whose file values differ from its parameters (a trained base bias saved as base + δ) converts both ways itself.
+The key prefix ``base_model.model.`` lives here only: methods' file hooks see keys without it (``file_state``,
+``strip_prefix``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .fingerprint import base_fingerprint  # noqa: F401  (re-exported: peftkit.serve imports it from here)
 from .layers.base import AdapterLayer, logical_path
 
 PREFIX = "base_model.model."
@@ -62,6 +63,21 @@ def saved_state(base_model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
     """File key -> the value to write: each layer's ``saved_tensors`` (e.g. a trained base bias as base + δ)."""
     return {key: layer.saved_tensors(adapter_name)[suffix]
             for key, (layer, suffix) in _entries(base_model, adapter_name).items()}
+
+
+def file_state(base_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``saved_state`` keyed without the file prefix (``<module path>.<suffix>``): what a method's
+    ``export_tensors`` receives; ``add_prefix`` gives the file's keys."""
+    return {key[len(PREFIX):]: value for key, value in saved_state(base_model, adapter_name).items()}
+
+
+def add_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {PREFIX + key: value for key, value in tensors.items()}
+
+
+def strip_prefix(found: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A file's tensors keyed without the prefix (files written with or without it, never a mix, are accepted)."""
+    return {key[len(PREFIX):]: value for key, value in with_prefix(found, source).items()}
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -328,6 +344,12 @@ def check_and_copy(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(found[key].to(dtype=param.dtype, device=param.device))
+
+
+def check_model_state(model: nn.Module, found: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a whole model's saved state (keys as in ``state_dict()``) into ``model``, strictly as ``check_and_copy``."""
+    expected = {PREFIX + key: value for key, value in model.state_dict(keep_vars=True).items()}
+    check_and_copy(expected, found, source)
 
 
 def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:

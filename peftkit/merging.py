@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .layers.base import AdapterLayer, MergeProposal, logical_path
-from .methods.common import set_submodule
+from .tree import set_submodule
 
 
 @dataclass

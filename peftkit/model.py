@@ -13,28 +13,21 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import fingerprint, io
+from . import adapter_files, fingerprint, io
 from .config import AdapterConfig
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSave
 from .merging import MergePlan
-from .methods import Injection, Method, method_for_config, method_for_peft_type
-from .methods.common import set_submodule
-from .targets import reading_file
-from .version import __version__
+from .methods import Injection, Method, method_for_config
+from .names import AdapterExistsError, AdapterNameError, check_adapter_name  # noqa: F401  (public here too)
+from .tree import set_submodule, unique_parameters
 
-#: names used for parameters and sub-modules inside adapter layers; an adapter may not be called like them
-BASE = "base"  # in a mixed batch: the plain base model
-
-RESERVED_NAMES = frozenset({
-    "base", "base_layer", "base_model", "lora", "lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B",
-    "lora_magnitude_vector", "lora_dropout", "modules_to_save", "original_module", "weight", "bias",
-})
+from .mixing import BASE  # noqa: E402  (in a mixed batch: the plain base model; a reserved adapter name)
 
 
 @dataclass
@@ -56,6 +49,12 @@ class TrainableParameters:
 
     def __str__(self) -> str:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {100 * self.share:.4f}%"
+
+
+def count_parameters(module: nn.Module) -> TrainableParameters:
+    """Trainable and total parameters of any module (a tied weight counts once)."""
+    params = unique_parameters(module)
+    return TrainableParameters(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
 class AdaptedModel(nn.Module):
@@ -112,7 +111,7 @@ class AdaptedModel(nn.Module):
     def add_adapter(self, config: AdapterConfig, adapter_name: str = "default", trainable: bool = True) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for ``set_adapter``."""
         self._mixed_layers = None  # the set of adapter layers changes: mixed_batch walks the tree again
-        _check_adapter_name(adapter_name, self.adapters)
+        check_adapter_name(adapter_name, self.adapters)
         method = method_for_config(config)
         config = copy.deepcopy(config)
         before = {id(m) for m in self.base_model.modules()}
@@ -152,6 +151,7 @@ class AdaptedModel(nn.Module):
         return list(io.adapter_state(self.base_model, name).values())
 
     def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; layers it leaves without adapters are unwrapped (the base module is put back)."""
         self._mixed_layers = None  # the set of adapter layers changes: mixed_batch walks the tree again
         self._require(name)
         if name in self.merged_adapters:
@@ -159,6 +159,7 @@ class AdaptedModel(nn.Module):
         for _, layer in self.adapter_layers():
             if name in layer.adapter_names:
                 layer.delete_adapter(name)
+        self._drop_empty_layers()
         del self.adapters[name]
         remaining = [n for n in self._active if n != name] or list(self.adapters)[:1]
         self._active = ()
@@ -238,21 +239,7 @@ class AdaptedModel(nn.Module):
     # --------------------------------------------------------------------------------------------- files
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Save in Hugging Face PEFT's format: 'default' in ``path``, any other adapter in ``path/<name>``."""
-        names = [adapter_name] if adapter_name is not None else list(self.adapters)
-        for name in names:
-            record = self._require(name)
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is merged; unmerge() before saving so that its weights are exact")
-            directory = Path(path) if name == "default" else Path(path) / name
-            tensors = io.saved_state(self.base_model, name)
-            export = getattr(record.method, "export_tensors", None)
-            if export is not None:
-                tensors = export(tensors, record.injection)
-            config = record.method.file_config(self.base_model, record.config, record.injection)
-            metadata = {"peftkit_version": __version__, "adapter_name": name}
-            if self.base_fingerprint:
-                metadata["base_fingerprint"] = self.base_fingerprint
-            io.write_adapter(directory, tensors, config, metadata)
+        adapter_files.save(self, path, adapter_name)
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False,
                      resize_heads: bool = False, check_base: bool = False) -> None:
@@ -262,59 +249,7 @@ class AdaptedModel(nn.Module):
         head gets its own head of that size, so that one base can serve tasks with different label sets.
         ``check_base``: refuse an adapter whose recorded base-model fingerprint (peftkit files record one) differs
         from this model's."""
-        _check_adapter_name(adapter_name, self.adapters)
-        directory = io.find_adapter_dir(path, adapter_name)
-        source = str(directory)
-        values = io.read_config(directory)
-        tensors, metadata = io.read_tensors(directory)
-        recorded = metadata.get("base_fingerprint")
-        if check_base and recorded and self.base_fingerprint:
-            mine = self.base_fingerprint
-            if not fingerprint.comparable(recorded):
-                warnings.warn(f"{source}: its base fingerprint was recorded by an older peftkit and cannot be compared "
-                              "with this model's; the base model is not checked", stacklevel=2)
-            elif recorded != mine:
-                raise io.AdapterFileError(
-                    f"{source}: this adapter was saved from another base model (base fingerprint "
-                    f"{metadata['base_fingerprint']}, this model {mine}): same architecture or not, its weights differ"
-                )
-        method = method_for_peft_type(values["peft_type"], source)
-        config = method.config_from_file(values, source)
-        was_active = list(self._active)
-        try:
-            with reading_file(source):  # a file's target list is read as PEFT reads it
-                self.add_adapter(config, adapter_name, trainable=trainable)
-            record = self.adapters[adapter_name]
-            if resize_heads:
-                self._resize_heads(adapter_name, io.with_prefix(tensors, source))
-            tensors = io.with_prefix(tensors, source)
-            importer = getattr(record.method, "import_tensors", None)
-            if importer is not None:
-                tensors = importer(tensors, record.config, record.injection)
-            io.check_and_load(self.base_model, adapter_name, tensors, source)
-        except Exception:
-            if adapter_name in self.adapters:
-                self.delete_adapter(adapter_name)
-                self._drop_empty_layers()
-                if was_active:
-                    self.set_adapter(was_active)
-            else:
-                self._remove_everywhere(adapter_name)
-            raise
-
-    def _resize_heads(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        for path, layer in self.adapter_layers():
-            if not isinstance(layer, ModulesToSave) or adapter_name not in layer.modules_to_save:
-                continue
-            head = layer.modules_to_save[adapter_name]
-            saved = tensors.get(f"{io.PREFIX}{path}.weight")
-            if isinstance(head, nn.Linear) and saved is not None and saved.dim() == 2 \
-                    and saved.shape[1] == head.in_features and saved.shape[0] != head.out_features:
-                resized = nn.Linear(head.in_features, saved.shape[0], bias=head.bias is not None,
-                                    device=head.weight.device, dtype=head.weight.dtype)
-                resized.requires_grad_(head.weight.requires_grad)
-                resized.train(head.training)
-                layer.modules_to_save[adapter_name] = resized
+        adapter_files.load(self, path, adapter_name, trainable, resize_heads, check_base)
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Undo a partial injection: drop the adapter from every layer and unwrap layers left empty."""
@@ -344,21 +279,23 @@ class AdaptedModel(nn.Module):
 
     def regularization(self) -> torch.Tensor | None:
         """Extra loss terms of the active trainable adapters (AdaLoRA's orthogonality penalty); None if none."""
-        terms = [hook(r.injection) for r in self._training_records()
-                 if (hook := getattr(r.method, "regularization", None)) is not None]
+        terms = [term for r in self._training_records() if (term := r.method.regularization(r.injection)) is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
     def after_optimizer_step(self, step: int) -> None:
         """Call after each optimizer step (0-based), before zeroing gradients: AdaLoRA's rank budget step."""
         for record in self._training_records():
-            hook = getattr(record.method, "after_optimizer_step", None)
-            if hook is not None:
-                hook(record.injection, step)
+            record.method.after_optimizer_step(record.injection, step)
+
+    def method_states(self) -> list[tuple[str, Any]]:
+        """(adapter name, resumable training state) of every adapter whose method keeps one (AdaLoRA's rank
+        allocator); each state has ``state_dict()`` and ``load_state_dict(tensors, plain)``."""
+        return [(name, state) for name, record in self.adapters.items()
+                if (state := record.method.training_state(record.injection)) is not None]
 
     # ------------------------------------------------------------------------------------------- helpers
     def trainable_parameters(self) -> TrainableParameters:
-        params = {id(p): p for p in self.parameters()}.values()
-        return TrainableParameters(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return count_parameters(self)
 
     def targeted_modules(self, adapter_name: str = "default") -> list[str]:
         return list(self._require(adapter_name).injection.targets)
@@ -421,24 +358,6 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={list(self._active)}"
-
-
-#: longest adapter name: names become folder names (save_adapter) and file systems allow 255 bytes
-MAX_NAME_LENGTH = 100
-
-
-def _check_adapter_name(name: str, existing: Iterable[str]) -> None:
-    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
-        raise ValueError(f"adapter name {name[:20]!r}... has {len(name)} characters; the limit is {MAX_NAME_LENGTH}")
-    if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():
-        raise ValueError(f"adapter name {name!r} is not valid: use letters, digits, '_' or '-', without dots")
-    if name in RESERVED_NAMES or name.startswith("lora_"):
-        raise ValueError(
-            f"adapter name {name!r} collides with the names peftkit uses for parameters and modules "
-            f"({', '.join(sorted(RESERVED_NAMES))}, lora_*); choose another name"
-        )
-    if name in existing:
-        raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:

@@ -158,13 +158,14 @@ def test_tiny_bert_qkv_masks(shared):
 
 
 def test_config_and_cli_schema(tmp_path):
-    from peftkit.train.config import LoraSection
+    from peftkit.train.config import RunConfig
 
     assert peftkit.LoraConfig().shared_dropout_mask is False
     with pytest.raises(ValueError, match="shared_dropout_mask"):
         peftkit.LoraConfig(shared_dropout_mask="yes")
-    assert LoraSection(shared_dropout_mask=True).library_config({}).shared_dropout_mask is True
-    assert LoraSection().library_config({}).shared_dropout_mask is False
+    chosen = RunConfig.model_validate({"method": "lora", "lora": {"shared_dropout_mask": True}})
+    assert chosen.method_config({"total_steps": 10}).shared_dropout_mask is True
+    assert RunConfig.model_validate({"method": "lora"}).method_config({"total_steps": 10}).shared_dropout_mask is False
     # a training-time setting: not written into PEFT's adapter_config.json, which PEFT still reads
     model = peftkit.adapt(tiny_bert(), peftkit.LoraConfig(r=4, dropout=0.1, shared_dropout_mask=True))
     model.save_adapter(tmp_path / "adapter")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import peftkit
 from peftkit import AdapterFileError, io
+from peftkit.fingerprint import base_fingerprint
 
 from conftest import CASES, MLP, randomize, run, tiny_bert
 
@@ -237,9 +238,9 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 def test_base_fingerprint_detects_another_base(tmp_path):
     base = tiny_bert()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    before = io.base_fingerprint(base)
+    before = base_fingerprint(base)
     model = peftkit.adapt(base, peftkit.LoraConfig(r=2, target_modules=["query"]))
-    assert io.base_fingerprint(model.base_model) == before  # adapters and the task head do not count
+    assert base_fingerprint(model.base_model) == before  # adapters and the task head do not count
     randomize(model)
     model.save_adapter(tmp_path)
     same = tiny_bert(seed=8)

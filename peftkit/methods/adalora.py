@@ -10,22 +10,19 @@ to the kept ranks and writes ``rank_pattern``, as Hugging Face PEFT does, so the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .. import layers  # noqa: F401
-from ..config import AdapterConfig, ConfigError, require
+from ..config import AdapterConfig, ConfigError, option, require
 from ..layers.adalora import ADALORA_LAYERS, SVDConv1D, SVDLinear
 from ..layers.base import find_layer
 from ..targets import Selection, TargetSpec, compact, select
-from . import Injection, register_method
+from . import Injection, Method, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 from .lora import default_targets
-
-PREFIX = "base_model.model."
-
 
 @dataclasses.dataclass(frozen=True)
 class AdaLoraConfig(AdapterConfig):
@@ -33,23 +30,26 @@ class AdaLoraConfig(AdapterConfig):
 
     method = "adalora"
 
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-    target_modules: TargetSpec = None
-    exclude_modules: TargetSpec = None
-    layers_to_transform: int | Sequence[int] | None = None
-    layers_pattern: str | Sequence[str] | None = None
-    rank_pattern: dict[str, list[bool]] | None = None
-    modules_to_save: Sequence[str] | None = None
+    init_r: int = option(12, "starting rank of every matrix")
+    target_r: int = option(8, "average final rank per matrix")
+    alpha: float = option(8, "scale numerator: s = alpha / init_r")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    tinit: int = option(0, "steps at the full budget before it shrinks (CLI recipe: 10% of the run)")
+    tfinal: int = option(0, "steps at the final budget at the end (CLI recipe: 20% of the run)")
+    deltaT: int = option(1, "reallocate the budget every N steps")
+    beta1: float = option(0.85, "EMA factor of the importance")
+    beta2: float = option(0.85, "EMA factor of its uncertainty")
+    orth_reg_weight: float = option(0.5, "weight of the orthogonality regulariser")
+    total_step: int | None = option(None, "steps of the budget schedule (required; the CLI uses the run's optimizer "
+                                          "steps)")
+    target_modules: TargetSpec = option(None, "module names (suffixes), a regex, or 'all-linear' (library default: "
+                                        "the model type's query and value projections)")
+    exclude_modules: TargetSpec = option(None, "modules never adapted")
+    layers_to_transform: int | Sequence[int] | None = option(None, "only these layer indices")
+    layers_pattern: str | Sequence[str] | None = option(None, "name of the layer list that layers_to_transform indexes")
+    rank_pattern: dict[str, list[bool]] | None = option(None, "kept triplets per matrix (written when saving)")
+    modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
+                                                   "task head is added by itself)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.init_r, int) and self.init_r > 0, f"init_r must be a positive integer, got {self.init_r!r}")
@@ -178,10 +178,14 @@ class RankAllocator:
         return self.config.orth_reg_weight * total / max(count, 1)
 
 
-class AdaLoraMethod:
+class AdaLoraMethod(Method):
     name = "adalora"
     config_cls = AdaLoraConfig
     peft_type = "ADALORA"
+    default_lr = 1e-3
+    # tinit/tfinal None (and total_step, None by default): derived from the run's length by config_for_run
+    recipe = {"alpha": 16, "dropout": 0.1, "target_modules": "all-linear", "deltaT": 10, "tinit": None, "tfinal": None}
+    reserved_names = frozenset({"lora_A", "lora_E", "lora_B"})
     registry = ADALORA_LAYERS
 
     def supports(self, module: nn.Module) -> bool:
@@ -213,9 +217,26 @@ class AdaLoraMethod:
     def after_optimizer_step(self, injection: Injection, step: int) -> None:
         injection.state.step(step)
 
+    def training_state(self, injection: Injection) -> "RankAllocator":
+        return injection.state
+
+    def config_for_run(self, values: dict[str, Any], run_info: Mapping[str, Any] | None) -> AdaLoraConfig:
+        """The budget schedule spans the run: total_step defaults to its optimizer steps, tinit to 10% of them and
+        tfinal to 20%."""
+        values = dict(values)
+        total = values.get("total_step") or (run_info or {}).get("total_steps")
+        if total is None:  # validated before the run's length is known: a stand-in long enough for the phases
+            total = (values.get("tinit") or 0) + (values.get("tfinal") or 0) + 1
+        values.update(total_step=total,
+                      tinit=values["tinit"] if values.get("tinit") is not None else int(0.1 * total),
+                      tfinal=values["tfinal"] if values.get("tfinal") is not None else int(0.2 * total))
+        return AdaLoraConfig(**values)
+
     # files ------------------------------------------------------------------------------------------------
-    def export_tensors(self, tensors: dict[str, torch.Tensor], injection: Injection) -> dict[str, torch.Tensor]:
-        """Prune every matrix to the triplets its rank pattern keeps."""
+    def export_tensors(self, tensors: dict[str, torch.Tensor], config: AdaLoraConfig,
+                       injection: Injection) -> dict[str, torch.Tensor]:
+        """Prune every matrix to the triplets its rank pattern keeps (``import_tensors`` needs no inverse: the
+        adapter is built with the file's rank pattern, so its shapes are the pruned ones)."""
         pattern = injection.state.rank_pattern
         if not pattern:
             return tensors
@@ -223,11 +244,11 @@ class AdaLoraMethod:
         for key, kept in pattern.items():
             path = key[: -len(".lora_E")]
             keep = torch.tensor(kept, dtype=torch.bool)
-            if int(keep.sum()) == out[f"{PREFIX}{path}.lora_E"].shape[0]:
+            if int(keep.sum()) == out[f"{path}.lora_E"].shape[0]:
                 continue
-            out[f"{PREFIX}{path}.lora_A"] = out[f"{PREFIX}{path}.lora_A"][keep]
-            out[f"{PREFIX}{path}.lora_E"] = out[f"{PREFIX}{path}.lora_E"][keep]
-            out[f"{PREFIX}{path}.lora_B"] = out[f"{PREFIX}{path}.lora_B"][:, keep]
+            out[f"{path}.lora_A"] = out[f"{path}.lora_A"][keep]
+            out[f"{path}.lora_E"] = out[f"{path}.lora_E"][keep]
+            out[f"{path}.lora_B"] = out[f"{path}.lora_B"][:, keep]
         return out
 
     def file_config(self, model: nn.Module, config: AdaLoraConfig, injection: Injection) -> dict[str, Any]:

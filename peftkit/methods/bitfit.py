@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, option
 from ..layers.bitfit import BITFIT_LAYERS
 from ..targets import Selection, TargetError, TargetSpec, base_modules, select
-from . import Injection, register_method
+from . import Injection, Method, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 
 
@@ -21,15 +21,19 @@ from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 class BitFitConfig(AdapterConfig):
     method = "bitfit"
 
-    target_modules: TargetSpec = None  # default: every module with a bias, except the task head
-    exclude_modules: TargetSpec = None
-    modules_to_save: Sequence[str] | None = None
+    target_modules: TargetSpec = option(None, "modules whose bias trains (default: every module with a bias, "
+                                        "except the task head)")
+    exclude_modules: TargetSpec = option(None, "modules whose bias stays frozen")
+    modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
+                                                   "task head is added by itself)")
 
 
-class BitFitMethod:
+class BitFitMethod(Method):
     name = "bitfit"
     config_cls = BitFitConfig
     peft_type = "BITFIT"
+    default_lr = 1e-3
+    reserved_names = frozenset({"bias_delta", "weight_delta"})
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -53,10 +57,6 @@ class BitFitMethod:
     def file_config(self, model: nn.Module, config: BitFitConfig, injection: Injection) -> dict[str, Any]:
         return {"peft_type": self.peft_type, "task_type": injection.task_type, "target_modules": list(injection.targets),
                 "exclude_modules": None, "modules_to_save": list(injection.saved_modules) or None}
-
-    def config_from_file(self, values: dict[str, Any], source: str) -> BitFitConfig:
-        values = {k: v for k, v in values.items() if k not in ("peft_type", "task_type")}
-        return BitFitConfig.from_dict(values, source=source)
 
 
 register_method(BitFitMethod())

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 from torch import nn
 
-from ..config import AdapterConfig, require
+from ..config import AdapterConfig, option, require
 from ..layers.base import find_layer
 from ..layers.bitfit import DeltaForm
 from ..layers.modules_to_save import ModulesToSave
 from ..layers.bottleneck import ACTIVATIONS, BottleneckLayer
 from ..targets import TargetError, TargetSpec, base_modules, matches
-from . import Injection, register_method
-from .common import add_bias_deltas, add_modules_to_save, resolve_modules_to_save, set_submodule, task_of
+from . import Injection, Method, register_method
+from ..tree import set_submodule
+from .common import add_bias_deltas, add_modules_to_save, resolve_modules_to_save, task_of
 
 VARIANTS = ("houlsby", "pfeiffer", "parallel")
 
@@ -40,13 +41,15 @@ PLACEMENTS: dict[str, tuple] = {
 class BottleneckConfig(AdapterConfig):
     method = "bottleneck"
 
-    variant: str = "pfeiffer"
-    reduction_factor: int = 16
-    nonlinearity: str = "relu"
-    scaling: float | None = None  # default: 1 for houlsby/pfeiffer, 4 for parallel (He et al.)
-    target_modules: TargetSpec = None  # sequential adapters after these modules instead of the defaults
-    train_layer_norms: bool = False
-    modules_to_save: Sequence[str] | None = None
+    variant: str = option("pfeiffer", "placement: houlsby (after attention and feed-forward), pfeiffer (after "
+                                      "feed-forward), parallel (beside the feed-forward)")
+    reduction_factor: int = option(16, "bottleneck size = hidden size / reduction_factor")
+    nonlinearity: str = option("relu", "between the two projections: relu, gelu, silu or tanh")
+    scaling: float | None = option(None, "output scale (default 1; 4 for parallel, as He et al.)")
+    target_modules: TargetSpec = option(None, "sequential adapters after these modules instead of the default placement")
+    train_layer_norms: bool = option(False, "also train the LayerNorms (saved with the adapter)")
+    modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
+                                                   "task head is added by itself)")
 
     def __post_init__(self) -> None:
         require(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
@@ -59,10 +62,12 @@ class BottleneckConfig(AdapterConfig):
         return self.scaling if self.scaling is not None else (4.0 if self.variant == "parallel" else 1.0)
 
 
-class BottleneckMethod:
+class BottleneckMethod(Method):
     name = "bottleneck"
     config_cls = BottleneckConfig
     peft_type = "BOTTLENECK"
+    default_lr = 1e-3
+    reserved_names = frozenset({"adapter_down", "adapter_up"})
 
     def inject(self, model: nn.Module, config: BottleneckConfig, adapter_name: str) -> Injection:
         saved = resolve_modules_to_save(model, config.modules_to_save)
@@ -123,14 +128,6 @@ class BottleneckMethod:
         if source is not None:
             layer._source_hook = model.get_submodule(source).register_forward_pre_hook(layer.capture_source)
         return layer
-
-    def file_config(self, model: nn.Module, config: BottleneckConfig, injection: Injection) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "task_type": injection.task_type, **config.to_dict(),
-                "modules_to_save": list(injection.saved_modules) or None}
-
-    def config_from_file(self, values: dict[str, Any], source: str) -> BottleneckConfig:
-        values = {k: v for k, v in values.items() if k not in ("peft_type", "task_type")}
-        return BottleneckConfig.from_dict(values, source=source)
 
 
 def _under(path: str, roots) -> bool:

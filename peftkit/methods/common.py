@@ -10,6 +10,7 @@ from ..layers.base import AdapterLayer, LayerRegistry, find_layer
 from ..layers.bitfit import BITFIT_LAYERS, DeltaForm
 from ..layers.modules_to_save import ModulesToSave
 from ..targets import TargetError, _close_matches, base_modules, matches
+from ..tree import set_submodule
 
 #: transformers class-name suffix -> (PEFT task_type, names of the freshly initialised task head)
 TASK_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -31,12 +32,6 @@ def task_of(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
         if class_name.endswith(suffix):
             return task, heads
     return None, ()
-
-
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
 
 
 def wrap(model: nn.Module, path: str, registry: LayerRegistry) -> AdapterLayer:

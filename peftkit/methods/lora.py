@@ -14,13 +14,12 @@ from typing import Any, Sequence
 from torch import nn
 
 from .. import layers  # noqa: F401  (registers the LoRA layer types)
-from ..config import AdapterConfig, require
+from ..config import AdapterConfig, ConfigError, option, require
 from ..layers.base import AdapterLayer, find_layer
 from ..layers.lora import LORA_LAYERS, LoraConv1D, LoraLinear
 from ..layers.lora.siblings import group_siblings
-from ..io import PREFIX
 from ..targets import Selection, TargetSpec, compact, select
-from . import Injection, register_method
+from . import Injection, Method, register_method
 from ..layers.bitfit import DeltaForm
 from .common import add_bias_deltas, add_modules_to_save, bias_modules, resolve_modules_to_save, task_of, wrap
 
@@ -48,23 +47,26 @@ class LoraConfig(AdapterConfig):
 
     method = "lora"
 
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    target_modules: TargetSpec = None
-    exclude_modules: TargetSpec = None
-    layers_to_transform: int | Sequence[int] | None = None
-    layers_pattern: str | Sequence[str] | None = None
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "default"
-    bias: str = "none"
-    modules_to_save: Sequence[str] | None = None
+    r: int = option(8, "rank of the update B·A")
+    alpha: float = option(8, "scale numerator: s = alpha / r (alpha / √r with use_rslora)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    target_modules: TargetSpec = option(None, "module names (suffixes), a regex, or 'all-linear' (library default: "
+                                        "the model type's query and value projections)")
+    exclude_modules: TargetSpec = option(None, "modules never adapted")
+    layers_to_transform: int | Sequence[int] | None = option(None, "only these layer indices")
+    layers_pattern: str | Sequence[str] | None = option(None, "name of the layer list that layers_to_transform indexes")
+    rank_pattern: dict[str, int] | None = option(None, "per-module rank: {name pattern: r}")
+    alpha_pattern: dict[str, float] | None = option(None, "per-module alpha: {name pattern: alpha}")
+    use_rslora: bool = option(False, "scale alpha/√r (rank-stabilised LoRA)")
+    use_dora: bool = option(False, "DoRA: a learned magnitude per output row (Linear layers)")
+    init: str = option("default", "initialisation of A, 'default' or 'gaussian' (B starts at 0)")
+    bias: str = option("none", "biases trained with the adapter: 'none', 'lora_only' (of adapted layers) or 'all'")
+    modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
+                                                   "task head is added by itself)")
     #: q, k and v (layers of one block reading the same input) share ONE dropout mask: a little faster on the
     #: CPU, but not PEFT's semantics (PEFT draws a mask per layer); training-time only, not written to files
-    shared_dropout_mask: bool = False
+    shared_dropout_mask: bool = option(False, "q, k, v share one LoRA dropout mask (a little faster on the CPU; "
+                                       "PEFT, and the default, draw one mask per layer)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
@@ -82,14 +84,14 @@ class LoraConfig(AdapterConfig):
                 try:
                     re.compile(key)
                 except re.error as err:
-                    raise ValueError(f"{name} key {key!r} is not a valid pattern: {err}") from None
+                    raise ConfigError(f"{name} key {key!r} is not a valid pattern: {err}") from None
         for key, value in (self.rank_pattern or {}).items():
             require(isinstance(value, int), f"rank_pattern[{key!r}] must be an integer, got {value!r}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {err}") from None
+                raise ConfigError(f"target_modules {self.target_modules!r} is not a valid regular expression: {err}") from None
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """Per-module r and alpha: the first rank_pattern/alpha_pattern key that matches the end of the path."""
@@ -114,10 +116,14 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-class LoraMethod:
+class LoraMethod(Method):
     name = "lora"
     config_cls = LoraConfig
     peft_type = "LORA"
+    default_lr = 5e-4
+    recipe = {"alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
+    reserved_names = frozenset({"lora", "lora_*", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                "lora_magnitude_vector", "lora_dropout"})
     registry = LORA_LAYERS
 
     def supports(self, module: nn.Module) -> bool:
@@ -200,7 +206,7 @@ class LoraMethod:
         dropped: the head copy loads from ``<head>.bias``, and the shared base head stays as it is."""
         if config.bias == "none":
             return tensors
-        extra = {f"{PREFIX}{path}.{inner}.bias" for path in injection.saved_modules
+        extra = {f"{path}.{inner}.bias" for path in injection.saved_modules
                  for inner in ("modules_to_save", "original_module")}
         return {key: value for key, value in tensors.items() if key not in extra}
 

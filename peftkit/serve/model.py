@@ -20,7 +20,8 @@ import torch
 
 from ..fingerprint import base_fingerprint
 from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, find_adapter_dir
-from ..model import BASE, AdaptedModel, _check_adapter_name
+from ..model import BASE, AdaptedModel
+from ..names import AdapterNameError, check_adapter_name
 from ..tasks import DEFAULT_TASK, Task, get_task
 from ..tasks.data import DataError
 from ..train.folder import RunFolder
@@ -119,9 +120,8 @@ class ServedModel:
         if name in self.adapters or name in self.model.adapters:
             raise AdapterConflict(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         try:
-            # TODO(issue 11): the core's public name check, once the methods helper's surface offers it
-            _check_adapter_name(name, ())
-        except ValueError as err:
+            check_adapter_name(name, ())
+        except AdapterNameError as err:
             raise BadAdapterRequest(str(err)) from None
         try:
             return self._load(name, path)
@@ -200,8 +200,7 @@ class ServedModel:
         if name not in self.model.adapters:
             raise AdapterNotFound(f"no adapter named {name!r}")
         with self.lock:
-            self.model.delete_adapter(name)
-            self.model._drop_empty_layers()
+            self.model.delete_adapter(name)  # (also unwraps the layers it leaves empty)
         self.adapters.pop(name, None)
 
     def labels_of(self, name: str) -> list[str]:

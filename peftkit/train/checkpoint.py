@@ -144,6 +144,4 @@ def restore_training(trainer) -> None:
 
 def method_states(model) -> list:
     """(adapter name, resumable method state) pairs, e.g. AdaLoRA's rank allocator."""
-    # TODO(issue 11, methods helper): read these through the core's public surface once it offers one
-    return [(name, record.injection.state) for name, record in getattr(model, "adapters", {}).items()
-            if hasattr(record.injection.state, "state_dict")]
+    return model.method_states() if hasattr(model, "method_states") else []

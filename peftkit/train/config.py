@@ -1,116 +1,69 @@
 """The run configuration of ``peftkit train``: a YAML file plus ``--key value`` overrides, validated up front.
 
-Every key is a field below (``peftkit train --help`` prints them). Unknown keys, wrong types and impossible
-combinations are refused before any work starts, naming the key and the allowed values.
+Every key is a field below or a key of the chosen method's section (``peftkit train --help`` prints them all).
+A method's section is built from its config dataclass (``method_section``), with the method's CLI recipe as the
+defaults. Unknown keys, wrong types and impossible combinations are refused before any work starts, naming the key
+and the allowed values (``peftkit.ConfigError``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
                       model_validator)
 
 from ..config import ConfigError
+from ..methods import available_methods, get_method
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraSection(Section):
-    r: int = Field(8, gt=0, description="rank of the update B·A")
-    alpha: float = Field(16, gt=0, description="scale numerator: s = alpha / r (alpha / √r with use_rslora)")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: str | list[str] = Field("all-linear", description="module names (suffixes), a regex, or 'all-linear'")
-    exclude_modules: str | list[str] | None = Field(None, description="modules never adapted")
-    layers_to_transform: list[int] | None = Field(None, description="only these layer indices")
-    rank_pattern: dict[str, int] | None = Field(None, description="per-module rank: {name pattern: r}")
-    alpha_pattern: dict[str, float] | None = Field(None, description="per-module alpha: {name pattern: alpha}")
-    use_rslora: bool = Field(False, description="scale alpha/√r (rank-stabilised LoRA)")
-    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row (Linear layers)")
-    init: Literal["default", "gaussian"] = Field("default", description="initialisation of A (B starts at 0)")
-    shared_dropout_mask: bool = Field(False, description="q, k, v share one LoRA dropout mask (a little faster on "
-                                      "the CPU; PEFT, and the default, draw one mask per layer)")
-
-    def library_config(self, run_info: dict):
-        from ..methods.lora import LoraConfig
-
-        return LoraConfig(**self.model_dump())
+# ------------------------------------------------------------------------------------------ method sections
+_SCHEMAS: dict[str, tuple[object, type[Section]]] = {}
 
 
-class DoraSection(LoraSection):
-    use_dora: bool = Field(True, description="always true for method dora (use method lora for plain LoRA)")
-
-    @field_validator("use_dora")
-    @classmethod
-    def _always(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError("false would train plain LoRA under the name dora; use method: lora instead "
-                             "(or drop dora.use_dora)")
-        return value
-
-
-class AdaLoraSection(Section):
-    init_r: int = Field(12, gt=0, description="starting rank of every matrix")
-    target_r: int = Field(8, gt=0, description="average final rank per matrix")
-    alpha: float = Field(16, gt=0, description="scale numerator: s = alpha / init_r")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: str | list[str] = Field("all-linear", description="module names (suffixes), a regex, or 'all-linear'")
-    tinit: int | None = Field(None, ge=0, description="steps at the full budget before it shrinks (default: 10% of the run)")
-    tfinal: int | None = Field(None, ge=0, description="steps at the final budget at the end (default: 20% of the run)")
-    deltaT: int = Field(10, gt=0, description="reallocate the budget every N steps")
-    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance")
-    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of its uncertainty")
-    orth_reg_weight: float = Field(0.5, ge=0, description="weight of the orthogonality regulariser")
-    total_step: int | None = Field(None, gt=0, description="steps of the budget schedule (default: the run's optimizer steps)")
-
-    def library_config(self, run_info: dict):
-        from ..methods.adalora import AdaLoraConfig
-
-        values = self.model_dump()
-        total = values["total_step"] or run_info["total_steps"]
-        values.update(total_step=total,
-                      tinit=values["tinit"] if values["tinit"] is not None else int(0.1 * total),
-                      tfinal=values["tfinal"] if values["tfinal"] is not None else int(0.2 * total))
-        return AdaLoraConfig(**values)
+def method_section(name: str) -> type[Section]:
+    """The CLI schema of method ``name``'s section, built from its config dataclass: the annotations give the types
+    (pydantic validates them), the CLI recipe (``Method.recipe``) or else the dataclass the defaults, the fields'
+    ``help`` metadata the descriptions. Built when first asked for, so a method registered at any time has one."""
+    method = get_method(name)
+    cached = _SCHEMAS.get(name)
+    if cached is not None and cached[0] is method:
+        return cached[1]
+    hints = typing.get_type_hints(method.config_cls)
+    fields: dict[str, Any] = {}
+    for spec in dataclasses.fields(method.config_cls):
+        annotation = hints[spec.name]
+        if spec.name in method.recipe:
+            default = method.recipe[spec.name]
+            if default is None:  # filled in from the run by config_for_run
+                annotation = annotation | None
+        elif spec.default is not dataclasses.MISSING:
+            default = spec.default
+        else:
+            default = spec.default_factory()  # type: ignore[misc]
+        fields[spec.name] = (annotation, Field(default, description=spec.metadata.get("help", "")))
+    schema = create_model(f"{method.config_cls.__name__}Section", __base__=Section, **fields)
+    _SCHEMAS[name] = (method, schema)
+    return schema
 
 
-class BottleneckSection(Section):
-    variant: Literal["houlsby", "pfeiffer", "parallel"] = Field("pfeiffer", description="placement: houlsby (after "
-        "attention and feed-forward), pfeiffer (after feed-forward), parallel (beside the feed-forward)")
-    reduction_factor: int = Field(16, gt=0, description="bottleneck size = hidden size / reduction_factor")
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="between the two projections")
-    scaling: float | None = Field(None, description="output scale (default 1; 4 for parallel)")
-    train_layer_norms: bool = Field(False, description="also train the LayerNorms")
-
-    def library_config(self, run_info: dict):
-        from ..methods.bottleneck import BottleneckConfig
-
-        return BottleneckConfig(**self.model_dump())
-
-
-class BitFitSection(Section):
-    def library_config(self, run_info: dict):
-        from ..methods.bitfit import BitFitConfig
-
-        return BitFitConfig()
-
-
-class HeadSection(Section):
-    cache_features: bool = Field(False, description="compute the frozen body's pooled features once, train the head on them")
-
-    def library_config(self, run_info: dict):
-        from ..methods.head import HeadConfig
-
-        return HeadConfig()
-
-
-class FullSection(Section):
-    pass
+def _config_error(method: str, config_cls: type, err: Exception) -> str:
+    """A dataclass check's message, prefixed with the key it names (``lora.r: r must be ...``)."""
+    message = str(err)
+    key = next((f.name for f in dataclasses.fields(config_cls) if re.match(rf"{re.escape(f.name)}\b", message)), None)
+    if key is None:
+        return f"{method}: {message}"
+    return f"{method}.{key}: {message.removeprefix(key + ': ')}"
 
 
 class DistillSection(Section):
@@ -147,29 +100,21 @@ class DistillSection(Section):
         return next(mode for mode, keys in self.MODE_KEYS.items() if key in keys)
 
 
-SECTIONS: dict[str, type[Section]] = {
-    "lora": LoraSection, "dora": DoraSection, "adalora": AdaLoraSection, "bottleneck": BottleneckSection,
-    "bitfit": BitFitSection, "head": HeadSection, "full": FullSection,
-}
-
-
 class RunConfig(BaseModel):
-    """Everything ``peftkit train`` needs. Method settings live in the section named like the method."""
+    """Everything ``peftkit train`` needs. Method settings live in the section named like the method (``lora.r``):
+    the sections are not fields of this class but come from the method registry when a config is validated (extra
+    keys named like a method), so a method registered at any time has its section."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra keys: method sections only (checked in _method_sections); every other unknown key is refused
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    # model and method
+    # model, task and method
     model: str = Field("minilm", description="path of a transformers model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
-    method: str = Field("lora", description="training method: lora, dora, adalora, bottleneck, bitfit, head or full")
+    task: str = Field("classification", description="what the model learns (see peftkit.tasks): classification")
+    method: str = Field("lora", description="training method (peftkit.available_methods()): lora, dora, adalora, "
+                        "bottleneck, bitfit, head, full, or a registered one")
     pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
         "auto", description="features the classifier sees: auto = the model's sentence-transformers pooling if any, else pooler")
-    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (method: lora)")
-    dora: DoraSection = Field(default_factory=DoraSection, description="DoRA settings (method: dora)")
-    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection, description="AdaLoRA settings (method: adalora)")
-    bottleneck: BottleneckSection = Field(default_factory=BottleneckSection, description="bottleneck adapter settings (method: bottleneck)")
-    bitfit: BitFitSection = Field(default_factory=BitFitSection, description="BitFit settings (method: bitfit)")
-    head: HeadSection = Field(default_factory=HeadSection, description="head-only settings (method: head)")
-    full: FullSection = Field(default_factory=FullSection, description="full fine-tuning settings (method: full)")
     distill: DistillSection | None = Field(None, description="self-distillation on top of an adapter method (set any distill.* key)")
 
     # data
@@ -219,22 +164,39 @@ class RunConfig(BaseModel):
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
-    @model_validator(mode="after")
-    def _combinations(self) -> "RunConfig":
-        from .methods import available, get as get_method
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            methods = available_methods()
+            unknown = [key for key in values if key not in cls.model_fields and key not in methods]
+            if unknown:
+                raise ValueError(f"unknown config key {unknown[0]!r} (valid keys: {', '.join(_top_level_keys())})")
+        return values
 
-        if self.method not in available():
-            raise ValueError(f"method: {self.method!r} is not a training method; choose one of {', '.join(available())}")
-        for name in SECTIONS:
-            if name != self.method and name in self.model_fields_set and getattr(self, name).model_fields_set:
-                raise ValueError(f"{name}: settings given, but method is {self.method!r} (set method: {name}, or drop them)")
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        tasks = _available_tasks()
+        if value not in tasks:
+            raise ValueError(f"{value!r} is not a task; choose one of {', '.join(tasks)}")
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self, info: ValidationInfo) -> "RunConfig":
+        methods = available_methods()
+        if self.method not in methods:
+            raise ValueError(f"method: {self.method!r} is not a training method; choose one of {', '.join(methods)}")
+        self._method_sections(stored=bool((info.context or {}).get("stored")))
+        method = get_method(self.method)
         if self.early_stopping_patience and self.eval_strategy == "no":
             raise ValueError("early_stopping_patience needs evaluations: set eval_strategy to 'epoch' or 'steps'")
-        if self.distributed == "fsdp" and self.method == "full":
-            raise ValueError("distributed: fsdp is offered for adapter methods; use ddp for full fine-tuning")
-        if self.distill is not None and self.method == "full":
+        if self.distributed == "fsdp" and not method.adapter:
+            raise ValueError(f"distributed: fsdp is offered for adapter methods; use ddp for method {self.method!r}, "
+                             "which trains the whole model")
+        if self.distill is not None and not method.adapter:
             raise ValueError("distill: needs an adapter method (the base-model teacher is the network with adapters off)")
-        if self.distill is not None and get_method(self.method).logits is not None:
+        if self.distill is not None and method.train_logits is not None:
             raise ValueError(f"distill: method {self.method!r} computes its logits its own way (the head on the frozen "
                              "body's features), so distillation would be ignored; drop the distill settings, or use "
                              "an adapter method such as lora")
@@ -250,26 +212,50 @@ class RunConfig(BaseModel):
             return {}
         return None if value is False else value
 
+    def _method_sections(self, stored: bool) -> None:
+        """Keep the chosen method's section only, validated against its schema and its config dataclass; settings
+        of another method are an error (a stored config of an older version may carry them: dropped)."""
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name in [n for n in extra if n != self.method]:
+            given = extra.pop(name)
+            if given and not stored:
+                raise ValueError(f"{name}: settings given, but method is {self.method!r} (set method: {name}, or "
+                                 "drop them)")
+        schema = method_section(self.method)
+        values = extra.get(self.method)
+        if isinstance(values, Section):
+            values = values.model_dump(exclude_unset=True)
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{self.method}: expected a mapping of {self.method}.* keys, got {values!r}")
+        try:
+            section = schema.model_validate(values or {})
+        except ValidationError as err:
+            raise ValueError("\n  ".join(f"{self.method}.{line.strip()}" for line in _explain(err).splitlines()[1:])) from None
+        method = get_method(self.method)
+        try:
+            method.config_for_run(section.model_dump(), None)  # the dataclass's own checks, before any work starts
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ValueError(_config_error(self.method, method.config_cls, err)) from None
+        extra[self.method] = section
+
     @property
     def peak_learning_rate(self) -> float:
-        from .methods import get
-
-        return self.learning_rate if self.learning_rate is not None else get(self.method).default_lr
+        return self.learning_rate if self.learning_rate is not None else get_method(self.method).default_lr
 
     def section(self) -> Section:
-        return getattr(self, self.method)
+        """The chosen method's settings as given (CLI recipe defaults filled in)."""
+        return self.__pydantic_extra__[self.method]
+
+    def method_config(self, run_info: dict | None = None):
+        """The library config (the method's dataclass) of this run; ``run_info`` holds ``total_steps``."""
+        return get_method(self.method).config_for_run(self.section().model_dump(), run_info)
 
     def to_yaml(self) -> str:
         """The resolved config, with the section of the chosen method only."""
-        others = {name for name in SECTIONS if name != self.method}
-        exclude: dict = {name: True for name in others}
+        exclude: dict = {}
         if self.distill is not None:  # the keys of the other distillation mode mean nothing here
             exclude["distill"] = set(self.distill.unused_keys())
         return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False, allow_unicode=True)
-
-
-class ConfigProblem(ConfigError):
-    """A configuration that cannot run (unknown key, wrong type, impossible combination)."""
 
 
 def load(path: str | Path | None, overrides: list[str], embedded: bool = False) -> RunConfig:
@@ -281,28 +267,29 @@ def load(path: str | Path | None, overrides: list[str], embedded: bool = False) 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigProblem(f"{path}: no such config file")
+            raise ConfigError(f"{path}: no such config file")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigProblem(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(values, dict):
-            raise ConfigProblem(f"{path}: the config must be a mapping of keys to values")
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     pairs = list(_pairs(overrides))
     method = next((value for key, value in pairs if key == "method"), values.get("method"))
     if embedded and method != values.get("method"):
-        values = {k: v for k, v in values.items() if k not in SECTIONS and k != "learning_rate"}
+        methods = available_methods()
+        values = {k: v for k, v in values.items() if k not in methods and k != "learning_rate"}
     for key, value in pairs:
         _set(values, key, value)
     return validate(values)
 
 
 def validate(values: dict[str, Any]) -> RunConfig:
-    _check_keys(values, RunConfig, "")
+    _check_keys(values)
     try:
         return RunConfig.model_validate(values)
     except ValidationError as err:
-        raise ConfigProblem(_explain(err)) from None
+        raise ConfigError(_explain(err)) from None
 
 
 def _pairs(overrides: list[str]):
@@ -310,13 +297,13 @@ def _pairs(overrides: list[str]):
     while items:
         flag = items.pop(0)
         if not flag.startswith("--"):
-            raise ConfigProblem(f"expected --key value, got {flag!r}")
+            raise ConfigError(f"expected --key value, got {flag!r}")
         key = flag[2:].replace("-", "_") if "=" not in flag else flag[2:].split("=", 1)[0].replace("-", "_")
         if "=" in flag:
             raw = flag.split("=", 1)[1]
         else:
             if not items or (items[0].startswith("--") and not _is_number(items[0])):
-                raise ConfigProblem(f"--{key} needs a value")
+                raise ConfigError(f"--{key} needs a value")
             raw = items.pop(0)
         yield key, yaml.safe_load(raw) if raw != "" else ""
 
@@ -335,26 +322,46 @@ def _set(values: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigProblem(f"--{key}: {part!r} is not a section")
+            raise ConfigError(f"--{key}: {part!r} is not a section")
     node[parts[-1]] = value
 
 
-def _check_keys(values: dict, model: type[BaseModel], prefix: str) -> None:
-    fields = model.model_fields
+def _top_level_keys() -> list[str]:
+    return [*RunConfig.model_fields, *available_methods()]
+
+
+def _available_tasks() -> list[str]:
+    try:
+        from ..tasks import available_tasks
+    except ImportError:  # before peftkit.tasks exists: the one task peftkit has always had
+        return ["classification"]
+    return list(available_tasks())
+
+
+def _check_keys(values: dict, prefix: str = "", fields: list[str] | None = None) -> None:
+    """Refuse unknown keys (top level, and inside sections), suggesting close matches."""
+    if fields is None:
+        fields = _top_level_keys()
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
-            raise ConfigProblem(f"unknown config key {prefix + key!r}{hint} (valid keys: {', '.join(prefix + f for f in fields)})")
-        section = _section_model(fields[key].annotation)
+            valid = ", ".join(prefix + f for f in fields) or f"none: {prefix.rstrip('.')} has no settings"
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint} (valid keys: {valid})")
+        section = _section_of(key) if not prefix else None
         if isinstance(value, dict) and section is not None:
-            _check_keys(value, section, f"{prefix}{key}.")
+            _check_keys(value, f"{prefix}{key}.", list(section.model_fields))
+
+
+def _section_of(key: str) -> type[BaseModel] | None:
+    """The section model of a top-level key: a method's section, or a field typed ``Section | None``."""
+    if key in available_methods():
+        return method_section(key)
+    field = RunConfig.model_fields.get(key)
+    return _section_model(field.annotation) if field is not None else None
 
 
 def _section_model(annotation) -> type[BaseModel] | None:
-    """The config section class of a field typed ``Section`` or ``Section | None``."""
-    import typing
-
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
@@ -375,14 +382,19 @@ def _explain(err: ValidationError) -> str:
 
 
 def describe() -> str:
-    """Every key with its type, default and description (for ``peftkit train --help``)."""
+    """Every key with its type, default and description (for ``peftkit train --help``); the method sections come
+    from the registry, with the CLI recipe's defaults."""
     out = []
     for name, field in RunConfig.model_fields.items():
-        annotation = _section_model(field.annotation)
-        if annotation is not None:
+        section = _section_model(field.annotation)
+        if section is not None:
             out.append(f"  {name}.*  {field.description}")
-            for sub, subfield in annotation.model_fields.items():
-                out.append(f"      {name}.{sub} (default {subfield.default!r}): {subfield.description}")
+            out += [f"      {name}.{sub} (default {f.default!r}): {f.description}" for sub, f in section.model_fields.items()]
             continue
         out.append(f"  {name} (default {field.default!r}): {field.description}")
+    for name in available_methods():
+        method = get_method(name)
+        out.append(f"  {name}.*  settings of method {name} (default learning_rate {method.default_lr:g})")
+        out += [f"      {name}.{sub} (default {f.default!r}): {f.description}"
+                for sub, f in method_section(name).model_fields.items()]
     return "\n".join(out)

@@ -26,7 +26,7 @@ from torch import nn
 from ..io import atomic_write, output_error, recover_dir, write_dir, write_json
 from ..tasks import DEFAULT_TASK, MERGED_MARKER, Task, get_task, task_of
 from ..tasks.data import DataError
-from .methods import ADAPTER_DIR, MODEL_DIR, get as get_method
+from ..methods import artifact_dirs, get_method
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
@@ -34,7 +34,6 @@ PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
-ARTIFACT_DIRS = (ADAPTER_DIR, MODEL_DIR)  # what a method's save writes (one of them)
 
 
 class RunFolder:
@@ -74,7 +73,10 @@ class RunFolder:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.path / ADAPTER_DIR
+        """Where an adapter method's save wrote the adapter (the default artifact folder of a method)."""
+        from ..methods import Method
+
+        return self.path / Method.artifact
 
     @property
     def marker_file(self) -> Path:
@@ -91,7 +93,7 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise output_error(err, self.path) from None
-        for name in (BEST_DIR, *ARTIFACT_DIRS):
+        for name in (BEST_DIR, *artifact_dirs()):
             recover_dir(self.path / name)
 
     def holds_finished_or_resumable_run(self) -> bool:
@@ -115,7 +117,7 @@ class RunFolder:
 
     def publish_best(self) -> None:
         """Copy the best model's artifact to the top of the folder (``adapter/`` or ``model/``)."""
-        for name in ARTIFACT_DIRS:
+        for name in artifact_dirs():
             source = self.best_dir / name
             if source.exists():
                 write_dir(self.path / name, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
@@ -145,7 +147,7 @@ class RunFolder:
         if not vocabulary.is_file():
             raise DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {vocabulary.name} are expected) "
                             f"nor a folder written by `peftkit merge` ({MERGED_MARKER} is expected)")
-        for name in ARTIFACT_DIRS:  # a crash in the middle of replacing a folder: see io.write_dir
+        for name in artifact_dirs():  # a crash in the middle of replacing a folder: see io.write_dir
             recover_dir(self.path / name)
         try:
             self.vocabulary = self.task.vocabulary_from_dict(json.loads(vocabulary.read_text(encoding="utf-8")))

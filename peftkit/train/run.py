@@ -15,7 +15,7 @@ import torch
 
 from ..tasks.data import DataError
 from .folder import RunFolder, no_grad_forward, read_marker, write_marker
-from .methods import get as get_method
+from ..methods import get_method
 
 
 class Run(RunFolder):

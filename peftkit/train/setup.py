@@ -12,7 +12,7 @@ from torch import nn
 from ..tasks import Datasets, Task
 from ..tasks.data import DataError
 from .config import RunConfig
-from .methods import get as get_method
+from ..methods import get_method
 
 
 def resolve_model(path: str) -> str:
@@ -48,7 +48,7 @@ def build_model(config: RunConfig, model_path: str, task: Task, vocabulary, prep
     if not prepare:
         return model
     method = get_method(config.method)
-    model = method.prepare(model, config, run_info or {})
+    model = method.prepare(model, config.method_config(run_info or {}))
     if config.bf16 and method.adapter:
         model.cast_frozen(torch.bfloat16)
     if config.fast:

@@ -25,11 +25,12 @@ from ..tasks import task_of
 from ..tasks.data import length_batches
 from . import checkpoint as C
 from . import distributed as dist
+from ..model import count_parameters
 from .config import RunConfig
 from .evaluation import evaluate_and_keep_best
 from .folder import RunFolder, load_trained, no_grad_forward
 from .guards import StepGuard, check_savable
-from .methods import get as get_method
+from ..methods import get_method
 from .metrics import TensorBoard, plot_history
 from .setup import build_model, load_datasets, resolve_data, resolve_model, schedule
 
@@ -73,6 +74,7 @@ class Trainer:
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         self.model = build_model(config, model_path, self.task, datasets.vocabulary,
                                  run_info={"total_steps": self.total_steps})
+        self.method_config = config.method_config({"total_steps": self.total_steps})
         self.wrapped = dist.wrap(self.model, self.env, config.distributed)
         # after wrapping: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -176,8 +178,9 @@ class Trainer:
         targets = [self.targets["train"][i] for i in mine]
         context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
         with context, self._autocast():
-            if self.method.logits is not None:  # e.g. head-only training on cached features
-                logits = self.method.logits(self.wrapped, batch, [("train", i) for i in mine], self.config, self.method_store)
+            if self.method.train_logits is not None:  # e.g. head-only training on cached features
+                logits = self.method.train_logits(self.wrapped, batch, [("train", i) for i in mine],
+                                                  self.method_config, self.method_store)
                 losses = self.task.loss_sum(logits, targets)
             elif self.distiller is not None:
                 out = self.task.forward(self.wrapped, batch, output_hidden_states=self.distiller.needs_hidden)
@@ -264,7 +267,7 @@ class Trainer:
     def _finish(self) -> dict:
         config = self.config
         best_dir = self.folder.best_dir
-        share = _trainable(self.model)  # of the model as trained (the reloaded one below is frozen)
+        counted = count_parameters(self.model)  # of the model as trained (the reloaded one below is frozen)
         if self.sharded:  # under FSDP the final weights are the result (reloading the best would need a re-shard)
             self._save_model(best_dir)
         elif self.env.main and best_dir.exists():
@@ -275,7 +278,8 @@ class Trainer:
         if self.env.main:
             report = {"method": config.method, "model": config.model,
                       "labels": self.task.names(self.datasets.vocabulary),
-                      "trainable_parameters": share[0], "total_parameters": share[1], "trainable_share": share[2],
+                      "trainable_parameters": counted.trainable, "total_parameters": counted.total,
+                      "trainable_share": counted.share,
                       "steps": self.state["step"], "best_step": self.state["best_step"],
                       "skipped_steps": self.state["skipped_steps"],
                       "metric_for_best_model": config.metric_for_best_model}
@@ -327,13 +331,6 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{speed:.0f}")
 
         return update
-
-
-def _trainable(model: nn.Module) -> tuple[int, int, float]:
-    params = {id(p): p for p in model.parameters()}.values()
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return trainable, total, trainable / total if total else 0.0
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
