@@ -48,7 +48,6 @@ def test_the_matrix_covers_every_registered_method():
                             if getattr(peftkit.get_method(m), "adapter", True))
 
 
-
 # ----------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("case", REFUSING, ids=[c.id for c in REFUSING])
 def test_refuses_where_it_does_not_apply(case):
