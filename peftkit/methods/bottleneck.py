@@ -46,7 +46,7 @@ class BottleneckConfig(AdapterConfig):
     reduction_factor: int = option(16, "bottleneck size = hidden size / reduction_factor")
     nonlinearity: str = option("relu", "between the two projections: relu, gelu, silu or tanh")
     scaling: float | None = option(None, "output scale (default 1; 4 for parallel, as He et al.)")
-    target_modules: TargetSpec = option(None, "sequential adapters after these modules instead of the default placement")
+    target_modules: TargetSpec = option(None, "modules to adapt instead of the default placement: adapters after them (houlsby/pfeiffer) or beside them, reading their input (parallel: input and output widths must be equal)")
     train_layer_norms: bool = option(False, "also train the LayerNorms (saved with the adapter)")
     modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
                                                    "task head is added by itself)")
@@ -75,6 +75,8 @@ class BottleneckMethod(Method):
         paths = dict(base_modules(model))
         targets = []
         for path, source in placements:
+            if config.variant == "parallel" and source is None:
+                _check_square(path, paths[path])
             layer = self._wrap(model, path, paths[path], source)
             width = layer.width
             layer.add_adapter(adapter_name, max(1, width // config.reduction_factor), config.nonlinearity,
@@ -132,6 +134,27 @@ class BottleneckMethod(Method):
 
 def _under(path: str, roots) -> bool:
     return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def _check_square(path: str, module: nn.Module) -> None:
+    """A parallel adapter reads the module's input and adds to its output: both must have the same width."""
+    width_in, width_out = _input_width(module), _output_width(module)
+    if width_in is not None and width_in != width_out:
+        raise TargetError(
+            f"a parallel bottleneck adapter on {path!r} would read its input ({width_in} features) and add to its "
+            f"output ({width_out}); target a module whose input and output widths are equal (e.g. a whole "
+            "feed-forward block), or use variant pfeiffer or houlsby"
+        )
+
+
+def _input_width(module: nn.Module) -> int | None:
+    for attribute in ("in_features", "nx", "in_channels", "num_embeddings"):
+        if isinstance(getattr(module, attribute, None), int):
+            return getattr(module, attribute)
+    for child in module.modules():  # e.g. an MLP block: the width of its first projection
+        if child is not module and (isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D"):
+            return _input_width(child)
+    return None
 
 
 def _output_width(module: nn.Module) -> int:
