@@ -10,7 +10,9 @@ from .config import AdapterConfig, ConfigError
 from .fast import fast_training
 from .io import AdapterFileError
 from .methods import Method, available_methods, get_method, register_method, unregister_method
+# the built-in methods: importing each module registers it
 from .methods.adalora import AdaLoraConfig
+from .methods.adapter import AdapterMethod
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.dora import DoraConfig
@@ -23,7 +25,7 @@ from .targets import TargetError
 from .version import __version__
 
 __all__ = [
-    "AdaLoraConfig", "AdaptedModel", "AdapterConfig", "AdapterExistsError", "AdapterFileError", "AdapterNameError",
+    "AdaLoraConfig", "AdaptedModel", "AdapterMethod", "AdapterConfig", "AdapterExistsError", "AdapterFileError", "AdapterNameError",
     "BitFitConfig", "BottleneckConfig", "ConfigError", "DoraConfig", "FullConfig", "HeadConfig", "LoraConfig", "Method",
     "TargetError", "TrainableParameters", "__version__", "adapt", "available_methods", "check_adapter_name",
     "count_parameters", "fast_training", "get_method", "load_adapter", "register_method", "unregister_method",

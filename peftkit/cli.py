@@ -35,7 +35,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .targets import TargetError
     from .tasks.data import DataError
 
-    # OSError: FileExistsError, FileNotFoundError, and outputs that cannot be written (io.OutputError)
+    # OSError: FileExistsError, FileNotFoundError, and outputs that cannot be written (atomic.OutputError)
     return DataError, ConfigError, AdapterFileError, TargetError, UsageError, OSError
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _message(err: BaseException) -> str:
-    from .io import OutputError
+    from .atomic import OutputError
 
     if isinstance(err, OSError) and not isinstance(err, OutputError) and err.strerror:
         return f"{err.filename}: {err.strerror}" if err.filename else err.strerror

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .methods.registry import reserved_names
+
 #: longest adapter name: names become folder names (save_adapter) and file systems allow 255 bytes
 MAX_NAME_LENGTH = 100
 
@@ -18,8 +20,6 @@ class AdapterExistsError(AdapterNameError):
 
 def check_adapter_name(name: str, existing: Iterable[str] = ()) -> None:
     """Raise ``AdapterNameError`` for a name an adapter may not have, ``AdapterExistsError`` if ``existing`` has it."""
-    from .methods import reserved_names
-
     if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
         raise AdapterNameError(f"adapter name {name[:20]!r}... has {len(name)} characters; the limit is {MAX_NAME_LENGTH}")
     if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():

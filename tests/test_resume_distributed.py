@@ -128,8 +128,8 @@ def test_kill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run
                            capture_output=True, text=True, timeout=600)
     assert dying.returncode == -signal.SIGKILL, dying.stderr[-3000:]
     checkpoints = killed / "checkpoints"
-    # the 15th checkpoint (step 45) was being written: a partial file in a hidden temporary folder (io.write_dir),
-    # itself under a temporary name (io.atomic_write), never renamed
+    # the 15th checkpoint (step 45) was being written: a partial file in a hidden temporary folder (atomic.write_dir),
+    # itself under a temporary name (atomic.atomic_write), never renamed
     partial = [p for p in checkpoints.glob(".step-000000045.tmp-*/*") if p.is_file()]
     assert partial and all(p.name.startswith(".") and ".tmp-" in p.name for p in partial), list(checkpoints.iterdir())
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000000039", "step-000000042"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit import io
+from peftkit import atomic, io
 from peftkit.cli import main
 from peftkit.train import trainer as T
 
@@ -153,7 +153,7 @@ def test_files_and_folders_respect_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         io.write_adapter(tmp_path / "adapter", {"w": torch.ones(2)}, {"peft_type": "LORA"}, {})
-        io.write_json(tmp_path / "labels.json", {"labels": ["a"]})
+        atomic.write_json(tmp_path / "labels.json", {"labels": ["a"]})
     finally:
         os.umask(old)
     for path in (tmp_path / "adapter" / io.WEIGHTS_NAME, tmp_path / "adapter" / io.CONFIG_NAME, tmp_path / "labels.json"):
@@ -199,7 +199,7 @@ def _read_pair(directory: Path) -> tuple[float, float]:
 
 
 def test_an_adapter_folder_is_old_or_new_whatever_the_crash_point(tmp_path):
-    recover = getattr(io, "recover_dir", lambda directory: None)
+    recover = atomic.recover_dir
     outcomes = set()
     for point in range(1, 40):
         target = tmp_path / f"case{point}" / "adapter"

@@ -20,7 +20,8 @@ from ..config import AdapterConfig, ConfigError, option, require
 from ..layers.adalora import ADALORA_LAYERS, SVDConv1D, SVDLinear
 from ..layers.base import find_layer
 from ..targets import Selection, TargetSpec, compact, select
-from . import Injection, Method, register_method
+from .adapter import AdapterMethod
+from .registry import Injection, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 from .lora import default_targets
 
@@ -178,7 +179,7 @@ class RankAllocator:
         return self.config.orth_reg_weight * total / max(count, 1)
 
 
-class AdaLoraMethod(Method):
+class AdaLoraMethod(AdapterMethod):
     name = "adalora"
     config_cls = AdaLoraConfig
     peft_type = "ADALORA"

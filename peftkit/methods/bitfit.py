@@ -13,7 +13,8 @@ from torch import nn
 from ..config import AdapterConfig, option
 from ..layers.bitfit import BITFIT_LAYERS
 from ..targets import Selection, TargetError, TargetSpec, base_modules, select
-from . import Injection, Method, register_method
+from .adapter import AdapterMethod
+from .registry import Injection, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 
 
@@ -28,7 +29,7 @@ class BitFitConfig(AdapterConfig):
                                                    "task head is added by itself)")
 
 
-class BitFitMethod(Method):
+class BitFitMethod(AdapterMethod):
     name = "bitfit"
     config_cls = BitFitConfig
     peft_type = "BITFIT"

@@ -20,7 +20,8 @@ from ..layers.bitfit import DeltaForm
 from ..layers.modules_to_save import ModulesToSave
 from ..layers.bottleneck import ACTIVATIONS, BottleneckLayer
 from ..targets import TargetError, TargetSpec, base_modules, matches
-from . import Injection, Method, register_method
+from .adapter import AdapterMethod
+from .registry import Injection, register_method
 from ..tree import set_submodule
 from .common import add_bias_deltas, add_modules_to_save, resolve_modules_to_save, task_of
 
@@ -62,7 +63,7 @@ class BottleneckConfig(AdapterConfig):
         return self.scaling if self.scaling is not None else (4.0 if self.variant == "parallel" else 1.0)
 
 
-class BottleneckMethod(Method):
+class BottleneckMethod(AdapterMethod):
     name = "bottleneck"
     config_cls = BottleneckConfig
     peft_type = "BOTTLENECK"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import option, require
-from . import register_method
+from .registry import register_method
 from .lora import LoraConfig, LoraMethod
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from . import Injection, Method, register_method
+from .registry import Injection, Method, register_method
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -43,7 +43,7 @@ class FullMethod(Method):
         return model
 
     def save(self, model: nn.Module, folder: Path) -> None:
-        from ..io import write_safetensors
+        from ..atomic import write_safetensors
 
         write_safetensors(Path(folder) / self.artifact / WEIGHTS_FILE, dict(model.state_dict()))
 

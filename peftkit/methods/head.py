@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError, option
 from ..targets import TargetError
-from . import Injection, Method, register_method
+from .adapter import AdapterMethod
+from .registry import Injection, register_method
 from .common import add_modules_to_save, resolve_modules_to_save, task_of
 
 
@@ -29,7 +30,7 @@ class HeadConfig(AdapterConfig):
     cache_features: bool = option(False, "compute the frozen body's pooled features once, train the head on them")
 
 
-class HeadMethod(Method):
+class HeadMethod(AdapterMethod):
     name = "head"
     config_cls = HeadConfig
     peft_type = "HEAD"

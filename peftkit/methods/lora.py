@@ -19,7 +19,8 @@ from ..layers.base import AdapterLayer, find_layer
 from ..layers.lora import LORA_LAYERS, LoraConv1D, LoraLinear
 from ..layers.lora.siblings import group_siblings
 from ..targets import Selection, TargetSpec, compact, select
-from . import Injection, Method, register_method
+from .adapter import AdapterMethod
+from .registry import Injection, register_method
 from ..layers.bitfit import DeltaForm
 from .common import add_bias_deltas, add_modules_to_save, bias_modules, resolve_modules_to_save, task_of, wrap
 
@@ -116,7 +117,7 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-class LoraMethod(Method):
+class LoraMethod(AdapterMethod):
     name = "lora"
     config_cls = LoraConfig
     peft_type = "LORA"

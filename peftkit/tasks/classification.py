@@ -147,7 +147,7 @@ class Classification(Task):
         return rows
 
     def write_predictions(self, path: Path, rows: list[dict], vocabulary: D.LabelMap) -> None:
-        from ..io import atomic_write
+        from ..atomic import atomic_write
 
         names = vocabulary.names
 

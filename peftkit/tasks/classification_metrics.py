@@ -35,7 +35,7 @@ def plot_confusion(matrix: list[list[int]], names: Sequence[str], path: Path, ti
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..io import atomic_write
+    from ..atomic import atomic_write
 
     values = np.array(matrix)
     size = max(4.0, 0.35 * len(names) + 2)

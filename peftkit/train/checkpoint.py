@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..io import recover_dir, remove_dir, write_dir, write_json, write_safetensors
+from ..atomic import recover_dir, remove_dir, write_dir, write_json, write_safetensors
 
 PREFIX = "step-"
 
@@ -37,7 +37,7 @@ def complete(directory: Path) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         return []
-    for path in list(root.glob(f".{PREFIX}*-*")):  # leftovers of an interrupted swap (see io.write_dir)
+    for path in list(root.glob(f".{PREFIX}*-*")):  # leftovers of an interrupted swap (see atomic.write_dir)
         recover_dir(root / path.name[1:].split(".")[0])
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))

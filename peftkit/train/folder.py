@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_write, output_error, recover_dir, write_dir, write_json
+from ..atomic import atomic_write, output_error, recover_dir, write_dir, write_json
 from ..tasks import DEFAULT_TASK, MERGED_MARKER, Task, get_task, task_of
 from ..tasks.data import DataError
 from ..methods import artifact_dirs, get_method
@@ -88,7 +88,7 @@ class RunFolder:
     # -- writing (the trainer's main process) ---------------------------------------------------------------
     def create(self) -> None:
         """Create the folder (an unwritable place fails here, before any work) and finish any folder swap a crash
-        interrupted (see ``io.write_dir``)."""
+        interrupted (see ``atomic.write_dir``)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -147,7 +147,7 @@ class RunFolder:
         if not vocabulary.is_file():
             raise DataError(f"{self.path}: not a peftkit run folder ({CONFIG_FILE} and {vocabulary.name} are expected) "
                             f"nor a folder written by `peftkit merge` ({MERGED_MARKER} is expected)")
-        for name in artifact_dirs():  # a crash in the middle of replacing a folder: see io.write_dir
+        for name in artifact_dirs():  # a crash in the middle of replacing a folder: see atomic.write_dir
             recover_dir(self.path / name)
         try:
             self.vocabulary = self.task.vocabulary_from_dict(json.loads(vocabulary.read_text(encoding="utf-8")))

@@ -46,7 +46,7 @@ def plot_history(history: list[dict], out: Path, curves: Sequence[str] = ()) -> 
 
 
 def save_png(fig, path: Path) -> None:
-    from ..io import atomic_write
+    from ..atomic import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from peftkit.config import AdapterConfig, option, require
 from peftkit.io import AdapterFileError
-from peftkit.methods import Injection, Method, register_method
+from peftkit.methods import Injection, register_method
+from peftkit.methods.adapter import AdapterMethod
 from peftkit.methods.common import add_modules_to_save, resolve_modules_to_save, task_of, wrap
 from peftkit.targets import Selection, TargetSpec, select
 
@@ -42,7 +43,7 @@ class SharedMatrices:
     by_shape: dict[tuple[int, int], torch.Tensor]
 
 
-class ToyMethod(Method):
+class ToyMethod(AdapterMethod):
     name = "toy"
     config_cls = ToyConfig
     peft_type = "TOY"
