@@ -228,6 +228,7 @@ class AdaptedModel(nn.Module):
         return self._unwrap(merged=False)
 
     def _unwrap(self, merged: bool) -> nn.Module:
+        self._mixed_layers = None  # every adapter layer goes: mixed_batch walks the tree again next time
         for path, layer in reversed(list(self.adapter_layers())):
             set_submodule(self.base_model, path, layer.unwrapped(merged))
         for name, param in self.base_model.named_parameters():

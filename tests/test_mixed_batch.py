@@ -143,8 +143,7 @@ def test_unload_then_reload_under_the_same_name_serves_the_new_weights(tmp_path)
     rows = ["a", "b", "c", "base"]
     with torch.no_grad():
         run(model, {"input_ids": ids, "adapter_names": rows})  # builds the caches
-    model.delete_adapter("b")
-    model._drop_empty_layers()
+    model.delete_adapter("b")  # (also unwraps the layers it leaves empty)
     peftkit.adapt(model, peftkit.LoraConfig(r=2, alpha=6, target_modules=["query", "value"]), "b")
     randomize(model, "b", seed=99, scale=0.2)
     model.eval()
@@ -153,6 +152,29 @@ def test_unload_then_reload_under_the_same_name_serves_the_new_weights(tmp_path)
         model.set_adapter("b")
         alone = run(model, {"input_ids": ids[1:2]})
     torch.testing.assert_close(mixed[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_then_reload_the_same_set_of_names_serves_the_new_weights(tmp_path):
+    """unload() removes every adapter; loading a set with the same names again (other weights) must serve the new
+    weights: no cache keyed by adapter names may survive the unload."""
+    base, model = three_adapters(tiny_bert)
+    ids = torch.randint(0, 100, (4, 9))
+    rows = ["a", "b", "c", "base"]
+    for name in ("a", "b", "c"):
+        model.save_adapter(tmp_path / "old", name)
+    with torch.no_grad():
+        run(model, {"input_ids": ids, "adapter_names": rows})  # builds the caches
+    model.unload()
+    for seed, name in enumerate(("a", "b", "c"), start=50):  # the same names and shapes, other weights
+        peftkit.load_adapter(model, tmp_path / "old" / name, name)
+        randomize(model, name, seed=seed, scale=0.2)
+    model.eval()
+    with torch.no_grad():
+        mixed = run(model, {"input_ids": ids, "adapter_names": rows})
+        for i, name in enumerate(rows[:3]):
+            model.set_adapter(name)
+            torch.testing.assert_close(mixed[i:i + 1], run(model, {"input_ids": ids[i:i + 1]}), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[3:4], run(base, {"input_ids": ids[3:4]}), atol=1e-5, rtol=1e-5)
 
 
 def test_mixing_asks_each_layer_and_a_refusal_names_the_module():
