@@ -68,7 +68,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.lock = lock or threading.RLock()
         self.max_batch_size = max_batch_size
-        self.context_length = context_length or model_context(model)
+        self.context_length = min(context_length or model_context(model), model_context(model))
         self.eos_ids = set(eos_ids) if eos_ids is not None else end_tokens(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         #: called after every forward with the adapter of each row and whether it was a prefill (metrics, tests)
