@@ -95,7 +95,7 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
                                     "(prompt and answer together): shorten the prompt", "messages")
         wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
         return Sampling(max_tokens=min(wanted, context() - len(prompt)), temperature=body.temperature,
-                        top_p=body.top_p, seed=body.seed, stop=body.stop)
+                        top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()))
 
     def chat_prompt(body: ChatRequest) -> list[int]:
         tokenizer = served.tokenizer
