@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ..tasks.schema import Text
 from .batcher import Batcher
+from .common import BodyLimit, LoadRequest
 from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, BadText, ServedModel
 
 log = logging.getLogger("peftkit.serve")
@@ -32,48 +32,6 @@ class Limits(BaseModel):
     max_chars: int = 10_000
     #: whole request body in bytes (413 above it); 256 texts of 10,000 characters fit
     max_request_bytes: int = 4 * 1024 * 1024
-
-
-class LoadRequest(BaseModel):
-    name: Text
-    path: Text = Field(description="folder of the adapter, relative to (or inside) the server's adapter directory",
-                       max_length=4096)
-
-
-class BodyTooLarge(HTTPException):
-    def __init__(self) -> None:
-        super().__init__(413, "request body too large")
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read whole: by their declared
-    Content-Length, and by counting the bytes of a body sent without one (chunked)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.app(scope, _refuse, send)  # the endpoint's body read raises BodyTooLarge
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge()  # an HTTPException: FastAPI passes it on to the 413 handler
-            return message
-
-        await self.app(scope, counted, send)
-
-
-async def _refuse():
-    raise BodyTooLarge()
 
 
 class Metrics:

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..mixing import BASE
-from .app import BodyLimit, LoadRequest
+from .common import BodyLimit, LoadRequest
 from .engine import Engine, Row, Sampling
 from .generation import ServedLM
 from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest
