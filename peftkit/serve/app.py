@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from ..tasks.schema import Text
 from .batcher import Batcher
+from .common import BodyLimit, LoadRequest
 from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest, BadText, ServedModel
 
 log = logging.getLogger("peftkit.serve")
@@ -32,48 +32,6 @@ class Limits(BaseModel):
     max_chars: int = 10_000
     #: whole request body in bytes (413 above it); 256 texts of 10,000 characters fit
     max_request_bytes: int = 4 * 1024 * 1024
-
-
-class LoadRequest(BaseModel):
-    name: Text
-    path: Text = Field(description="folder of the adapter, relative to (or inside) the server's adapter directory",
-                       max_length=4096)
-
-
-class BodyTooLarge(HTTPException):
-    def __init__(self) -> None:
-        super().__init__(413, "request body too large")
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read whole: by their declared
-    Content-Length, and by counting the bytes of a body sent without one (chunked)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.app(scope, _refuse, send)  # the endpoint's body read raises BodyTooLarge
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge()  # an HTTPException: FastAPI passes it on to the 413 handler
-            return message
-
-        await self.app(scope, counted, send)
-
-
-async def _refuse():
-    raise BodyTooLarge()
 
 
 class Metrics:
@@ -235,9 +193,17 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, options: dict | None = None,
           max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None,
           max_request_bytes: int = Limits().max_request_bytes, task: str = "classification") -> None:
-    """``options``: the task's base-model settings (classification: ``{"pooling": ...}``)."""
+    """``options``: the task's base-model settings (classification: ``{"pooling": ...}``). ``task="causal-lm"``
+    starts the OpenAI-compatible generation server instead (``openai_api.py``; ``max_length`` is not its context:
+    the model's own is)."""
     import torch
     import uvicorn
+
+    if task == "causal-lm":
+        from .openai_api import serve_openai
+
+        return serve_openai(base, adapters, host, port, max_batch_size, threads=threads,
+                            max_request_bytes=max_request_bytes)
 
     from ..ops.memory import keep_freed_memory
 
