@@ -275,3 +275,17 @@ def test_generate_refuses_a_classification_run(tmp_path):
     (tmp_path / "run" / "labels.json").write_text('{"labels": ["a", "b"]}')
     done = cli("generate", "--run", "run", "--prompt", "x", cwd=tmp_path)
     assert done.returncode == 2 and "need a run of task causal-lm" in done.stderr
+
+
+def test_peft_loads_the_adapter_and_generates_the_same_greedy_tokens(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.run import Run
+
+    root, _ = trained
+    run = Run(root / "run")
+    prompts = ["hello there", "cancel my order please"]
+    ours = [_greedy(run.model, run.tokenizer, p) for p in prompts]
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "tiny"), root / "run" / "adapter").eval()
+    assert [_greedy(theirs.base_model.model, run.tokenizer, p) for p in prompts] == ours
