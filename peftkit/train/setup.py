@@ -16,12 +16,14 @@ from ..methods import get_method
 
 
 def resolve_model(path: str) -> str:
-    if path == "minilm":
-        from ..tasks.demo import minilm_path
+    from ..tasks.models import named_model
 
-        return str(minilm_path())
+    named = named_model(path)
+    if named is not None:
+        return str(named)
     if not Path(path).is_dir():
-        raise DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' for the packaged one)")
+        raise DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' / 'smollm2' for "
+                        "the packaged ones)")
     return path
 
 

@@ -284,6 +284,7 @@ class Trainer:
                       "skipped_steps": self.state["skipped_steps"],
                       "metric_for_best_model": config.metric_for_best_model}
             report.update(results)
+            report.update(self.task.final_evaluation(self.model, self.tokenizer, self.datasets, config, self._say))
             self._write_outputs(report)
         dist.barrier(self.env)
         return report
