@@ -167,17 +167,19 @@ def train_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Calla
 
 
 def memory_child(impl: str, sizes: Sizes) -> None:
-    """Run in a fresh process: print the peak extra RSS of 3 training steps of one workload."""
-    with tempfile.TemporaryDirectory(prefix="peftkit-llm-") as workdir:
-        if impl == "floor":
-            model = floor_model()
-        else:
-            ours, theirs = adapter_pair(Path(workdir), 1, trainable=True)
-            model = ours if impl == "peftkit" else theirs
-            del theirs, ours
-    import gc
+    """Run in a fresh process: print the peak extra RSS of 3 training steps of one workload. Only that workload's
+    model is ever built here (memory freed by another model would be reused and hide part of the peak)."""
+    import peft
 
-    gc.collect()
+    import peftkit
+
+    if impl == "floor":
+        model = floor_model()
+    elif impl == "peftkit":
+        model = peftkit.adapt(load_base(), lora_config())
+    else:  # the same configuration (PEFT's all-linear also takes q/k/v/o/gate/up/down and leaves lm_head)
+        model = peft.get_peft_model(load_base(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     step = train_step(model.train(), train_inputs(sizes))
     before = common.rss_bytes()
     common.reset_peak_rss()
