@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--note", default="", help="a line added to the RESULTS.md entry")
     args = parser.parse_args()
+    began = time.perf_counter()
     adapters, max_tokens = (2, 8) if args.quick else (4, 64)
     levels = [(1, 4), (8, 8), (16, 16)] if args.quick else [(1, 16), (8, 64), (16, 128)]
     prompts = llm_speed.PROMPTS[:4] if args.quick else llm_speed.PROMPTS
@@ -198,6 +199,7 @@ def main() -> None:
              f"same machine as the server. Server still up after the run: {alive}."
              + (f" {args.note}" if args.note else ""))
     print(table + "\n\n" + notes)
+    print(f"total {time.perf_counter() - began:.0f} s", flush=True)
     if not args.no_append:
         common.append_results("Causal-LM serving: the OpenAI-compatible server under load (openai client)", table, notes)
     if problems or not alive:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -333,6 +334,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a line added to the RESULTS.md entry (e.g. how the machine was loaded)")
     parser.add_argument("--memory-child", choices=TRAIN, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    began = time.perf_counter()
     torch.set_num_threads(args.threads)
     from peftkit.ops.memory import keep_freed_memory
 
@@ -351,6 +353,7 @@ def main() -> None:
         print(table, flush=True)
         tables.append(table), checks.append(check), verdicts.extend(verdict)
     print("\n".join(verdicts))
+    print(f"total {time.perf_counter() - began:.0f} s", flush=True)
     if not args.no_append:
         from importlib.metadata import version
 
