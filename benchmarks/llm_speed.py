@@ -325,7 +325,7 @@ def _verdict(label: str, value: float, op: str, target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick: 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (B2×T32, 8 new tokens, batch 4, 2 adapters)")
     parser.add_argument("--only", choices=["training", "generation"], help="run one part")
@@ -336,13 +336,14 @@ def main() -> None:
     args = parser.parse_args()
     began = time.perf_counter()
     torch.set_num_threads(args.threads)
-    from peftkit.ops.memory import keep_freed_memory
-
-    keep_freed_memory()  # the same allocator behaviour for every workload (see speed.py)
     sizes = QUICK if args.quick else FULL
-    if args.memory_child:
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    if args.memory_child:  # memory is measured with the allocator a user gets by default, as speed.py does
         memory_child(args.memory_child, sizes)
         return
+    from peftkit.ops.memory import keep_freed_memory
+
+    keep_freed_memory()  # for the timings: the same allocator behaviour for every workload (see speed.py)
     tables, checks, verdicts = [], [], []
     if args.only != "generation":
         table, check, verdict = training_part(sizes, args.repeats, not args.no_memory, args.quick)
