@@ -145,14 +145,17 @@ class CausalLM(Task):
 
     def base_dev(self, model: nn.Module, tokenizer, dev: Sequence[C.Conversation], config, say) -> dict:
         """Dev loss and perplexity of the base model (adapters off), the "before" of the run's dev numbers."""
-        from ..train.folder import no_grad_forward
         from .causal_lm_generate import base_of
 
         # encode_conversation, not encode: the truncation note was printed once already
-        features = [C.encode_conversation(tokenizer, e.messages, config.max_length) for e in dev]
-        with base_of(model, config) as base:
-            result = self.metrics(no_grad_forward(self, base.eval(), tokenizer, features, config.eval_batch_size),
-                                  [], None)
+        features = sorted((C.encode_conversation(tokenizer, e.messages, config.max_length) for e in dev),
+                          key=lambda f: len(f["input_ids"]))  # batches by length; the metrics are sums
+        size = config.eval_batch_size
+        with base_of(model, config) as base, torch.no_grad():
+            base.eval()
+            sums = [self.forward(base, self.collate(tokenizer, features[i:i + size])).float()
+                    for i in range(0, len(features), size)]
+        result = self.metrics(torch.cat(sums), [], None)
         say(f"base model on dev: {self.summary(result)}")
         return {key: result[key] for key in ("loss", "perplexity", "tokens")}
 
