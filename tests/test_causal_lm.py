@@ -178,6 +178,10 @@ def test_training_reports_dev_loss_perplexity_and_generation(trained):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert all("dev_perplexity" in h for h in report["history"] if "dev_loss" in h)
     assert report["metric_for_best_model"] == "loss"
+    base = report["base_dev"]  # the "before": the base model (adapters off) on the same dev conversations
+    assert base["tokens"] == dev["tokens"] and base["loss"] > dev["loss"]
+    assert base["perplexity"] == pytest.approx(torch.tensor(base["loss"]).exp().item(), rel=1e-6)
+    assert f"base model on dev: loss {base['loss']:.4f}" in done.stdout
     generation = report["generation"]
     assert generation["samples"] == 3 and len(generation["examples"]) == 3
     for side in ("base", "adapted"):
@@ -186,6 +190,16 @@ def test_training_reports_dev_loss_perplexity_and_generation(trained):
     assert (root / "run" / "adapter" / "adapter_config.json").is_file()
     stored = json.loads((root / "run" / "adapter" / "adapter_config.json").read_text())
     assert stored["task_type"] == "CAUSAL_LM"
+
+
+def test_info_of_a_causal_lm_run_shows_its_results_and_no_labels_line(trained):
+    root, _ = trained
+    done = cli("info", "run", cwd=root)
+    assert done.returncode == 0, done.stderr
+    keys = [line.split(":", 1)[0].strip() for line in done.stdout.splitlines()]
+    assert "labels" not in keys
+    assert {"task", "method", "max_length", "dev loss", "dev perplexity", "base dev loss", "base dev perplexity",
+            "rougeL (base -> adapted)"} <= set(keys)
 
 
 def _greedy(model, tokenizer, prompt: str, n: int = 6) -> list[int]:

@@ -211,3 +211,26 @@ def test_peftkit_serve_task_causal_lm_starts_the_openai_server_on_run_and_adapte
     finally:
         stop_server(process, http)
     assert "skipped adapter folder 'classifier'" in (tmp_path / "log.txt").read_text()
+
+
+def test_peftkit_serve_context_length_limits_the_prompt(server, tmp_path, capsys):
+    from peftkit import cli
+    from serve_helpers import start_server, stop_server
+
+    _, _, _, root = server
+    (tmp_path / "adapters").mkdir()
+    process, http = start_server(root / "base", tmp_path / "adapters", tmp_path / "log.txt", "--task", "causal-lm",
+                                 "--context_length", "16")
+    try:
+        client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="base", prompt="cat " * 16, max_tokens=2)
+        assert "context is 16 tokens" in err.value.body["message"]  # not the model's own CONTEXT
+        answer = client.completions.create(model="base", prompt="cat " * 10, max_tokens=50, temperature=0)
+        assert answer.usage.completion_tokens == 6 and answer.choices[0].finish_reason == "length"  # 10 + 6 = 16
+    finally:
+        stop_server(process, http)
+    for extra, message in ((["--context_length", "16"], "--context_length is for --task causal-lm"),
+                           (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens")):
+        assert cli.main(["serve", "--base", str(root / "base"), "--adapters", str(tmp_path), *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -192,18 +192,19 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 
 def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, options: dict | None = None,
           max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None,
-          max_request_bytes: int = Limits().max_request_bytes, task: str = "classification") -> None:
+          max_request_bytes: int = Limits().max_request_bytes, task: str = "classification",
+          context_length: int | None = None) -> None:
     """``options``: the task's base-model settings (classification: ``{"pooling": ...}``). ``task="causal-lm"``
-    starts the OpenAI-compatible generation server instead (``openai_api.py``; ``max_length`` is not its context:
-    the model's own is)."""
+    starts the OpenAI-compatible generation server instead (``openai_api.py``; its context is ``context_length``,
+    at most the model's own, not ``max_length``)."""
     import torch
     import uvicorn
 
     if task == "causal-lm":
         from .openai_api import serve_openai
 
-        return serve_openai(base, adapters, host, port, max_batch_size, threads=threads,
-                            max_request_bytes=max_request_bytes)
+        return serve_openai(base, adapters, host, port, max_batch_size, context_length=context_length,
+                            threads=threads, max_request_bytes=max_request_bytes)
 
     from ..ops.memory import keep_freed_memory
 

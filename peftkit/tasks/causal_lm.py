@@ -136,9 +136,28 @@ class CausalLM(Task):
     def final_evaluation(self, model: nn.Module, tokenizer, datasets: Datasets, config, say) -> dict:
         from .causal_lm_generate import evaluate_generation
 
-        if not datasets.dev or not config.eval_generations:
+        if not datasets.dev:
             return {}
-        return {"generation": evaluate_generation(model, tokenizer, datasets.dev, config, say)}
+        out = {"base_dev": self.base_dev(model, tokenizer, datasets.dev, config, say)}
+        if config.eval_generations:
+            out["generation"] = evaluate_generation(model, tokenizer, datasets.dev, config, say)
+        return out
+
+    def base_dev(self, model: nn.Module, tokenizer, dev: Sequence[C.Conversation], config, say) -> dict:
+        """Dev loss and perplexity of the base model (adapters off), the "before" of the run's dev numbers."""
+        from .causal_lm_generate import base_of
+
+        # encode_conversation, not encode: the truncation note was printed once already
+        features = sorted((C.encode_conversation(tokenizer, e.messages, config.max_length) for e in dev),
+                          key=lambda f: len(f["input_ids"]))  # batches by length; the metrics are sums
+        size = config.eval_batch_size
+        with base_of(model, config) as base, torch.no_grad():
+            base.eval()
+            sums = [self.forward(base, self.collate(tokenizer, features[i:i + size])).float()
+                    for i in range(0, len(features), size)]
+        result = self.metrics(torch.cat(sums), [], None)
+        say(f"base model on dev: {self.summary(result)}")
+        return {key: result[key] for key in ("loss", "perplexity", "tokens")}
 
     def settings(self, config) -> dict:
         return {"max_length": config.max_length, **({"system_prompt": config.system_prompt}
@@ -150,6 +169,9 @@ class CausalLM(Task):
             if split in report:
                 out[f"{split} loss"] = round(report[split]["loss"], 4)
                 out[f"{split} perplexity"] = round(report[split]["perplexity"], 3)
+        if "base_dev" in report:
+            out["base dev loss"] = round(report["base_dev"]["loss"], 4)
+            out["base dev perplexity"] = round(report["base_dev"]["perplexity"], 3)
         generation = report.get("generation") or {}
         for key in ("rougeL", "bleu", "exact_match"):
             if key in generation.get("adapted", {}):

@@ -97,8 +97,10 @@ class Run(RunFolder):
     def info(self) -> dict:
         report = self.report
         out = {"run": str(self.path), "task": self.task.name, "method": self.config.method,
-               "base model": self.config.model, **self.task.settings(self.config),
-               "labels": self.task.names(self.vocabulary)}
+               "base model": self.config.model, **self.task.settings(self.config)}
+        names = self.task.names(self.vocabulary)
+        if names:  # a task without a label set (causal-lm) shows no labels line
+            out["labels"] = names
         if self.merged:
             marker = read_marker(self.path)
             out.update({"base model": marker.get("base_model", "?"), "merged from": marker.get("merged_from", "?")})
