@@ -11,9 +11,8 @@ import threading
 from pathlib import Path
 
 from ..fingerprint import base_fingerprint
-from ..io import CONFIG_NAME, AdapterFileError, find_adapter_dir
+from ..io import AdapterFileError
 from ..model import AdaptedModel
-from ..train.folder import RunFolder
 from .model import AdapterConflict, AdapterInfo, BadAdapterRequest, ServedModel
 
 CAUSAL_TASK = "causal-lm"
@@ -45,14 +44,7 @@ class ServedLM(ServedModel):
         self.on_forward = None
 
     def _load(self, name: str, path: str | Path) -> AdapterInfo:
-        run = RunFolder(self._confined(path))
-        adapter_dir = run.adapter_dir if (run.adapter_dir / CONFIG_NAME).is_file() else run.path
-        try:
-            adapter_dir = find_adapter_dir(adapter_dir, "default")
-        except AdapterFileError as err:
-            raise BadAdapterRequest(str(err)) from None
-        for file in adapter_dir.iterdir():  # a link inside the folder may not lead out of it
-            self._confined(file)
+        run, adapter_dir = self._adapter_folder(path)
         method = None
         if run.config_file.is_file():  # a run folder of `peftkit train`
             import yaml
@@ -74,14 +66,3 @@ class ServedLM(ServedModel):
         info = AdapterInfo(name, str(run.path), method or record.method.name, [])
         self.adapters[name] = info
         return info
-
-
-def is_causal_lm(path: str) -> bool:
-    """Whether a model folder holds a causal LM (its config names a ``...ForCausalLM`` architecture)."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)

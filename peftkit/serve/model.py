@@ -134,7 +134,9 @@ class ServedModel:
         except Exception as err:  # whatever is wrong in the folder's files is that folder's problem, not the server's
             raise BadAdapterRequest(f"adapter {name!r} cannot be loaded: {type(err).__name__}: {err}") from None
 
-    def _load(self, name: str, path: str | Path) -> AdapterInfo:
+    def _adapter_folder(self, path: str | Path) -> tuple[RunFolder, Path]:
+        """The run folder at ``path`` (confined to the adapter directory) and its adapter folder: ``adapter/`` of a
+        run, or the folder itself for a plain adapter folder; every file in it must stay inside the directory."""
         run = RunFolder(self._confined(path))
         adapter_dir = run.adapter_dir if (run.adapter_dir / CONFIG_NAME).is_file() else run.path
         try:
@@ -143,6 +145,10 @@ class ServedModel:
             raise BadAdapterRequest(str(err)) from None
         for file in adapter_dir.iterdir():  # a link inside the folder may not lead out of it
             self._confined(file)
+        return run, adapter_dir
+
+    def _load(self, name: str, path: str | Path) -> AdapterInfo:
+        run, adapter_dir = self._adapter_folder(path)
         labels, method, share, metrics, stored = None, None, None, {}, None
         vocabulary_file = run.vocabulary_file(self.task)
         if run.config_file.is_file() and vocabulary_file.is_file():
