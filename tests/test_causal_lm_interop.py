@@ -78,9 +78,10 @@ def test_a_peft_lora_adapter_generates_the_same_greedy_tokens_in_the_server_engi
     engine = Engine(served.model, served.tokenizer, served.lock)
     try:
         done = [threading.Event() for _ in prompts]
-        rows = [engine.submit(Row("peft", p, Served(max_tokens=NEW, temperature=0),
-                                  lambda e, d=d: d.set() if e[0] != "delta" else None))
-                for p, d in zip(prompts, done)]  # one batch: the prompts have different lengths (left padding)
+        with engine.wakeup:  # queued together, so they are one batch of different lengths (left padding)
+            rows = [engine.submit(Row("peft", p, Served(max_tokens=NEW, temperature=0),
+                                      lambda e, d=d: d.set() if e[0] != "delta" else None))
+                    for p, d in zip(prompts, done)]
         assert all(d.wait(30) for d in done)
     finally:
         engine.close()
