@@ -7,6 +7,7 @@
     peftkit generate --run DIR (--prompt "..." | --data FILE [--out FILE]) [--temperature T --top_p P ...]
     peftkit chat --run DIR
     peftkit info DIR
+    peftkit search [CONFIG.yaml] --space SPACE.yaml --trials N [--jobs J ...] [--key value ...]
     peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
 
 Exit status: 0 done; 2 bad input (a config key, a data file, a run folder, an output that cannot be written),
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             resume = "--resume" in rest
             rest = [a for a in rest if a != "--resume"]
             return _train(argparse.Namespace(config=config, resume=resume), rest)
+        if argv[0] == "search":  # its own options, then --key value overrides of the config (as for train)
+            from .search.command import run as search
+
+            return search(argv[1:])
         args = parser.parse_args(argv)
         return args.handler(args, [])
     except _bad_input_errors() as err:
@@ -159,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024,
                        help="largest request body accepted (larger: HTTP 413)")
     serve.set_defaults(handler=_serve)
+
+    commands.add_parser("search", help="hyper-parameter search with Optuna (see peftkit search --help)", add_help=False)
 
     info = commands.add_parser("info", help="what a run folder holds")
     info.add_argument("run")

@@ -1,0 +1,226 @@
+"""The study: Optuna storage (SQLite in the output folder by default), sampler and pruner, and the workers that
+ask for a trial, train it in its own process and tell Optuna the result.
+
+Resuming: rerunning the same command opens the same study and runs trials until it holds exactly N COMPLETE +
+PRUNED ones. A trial whose search process died (killed mid-trial) stops sending heartbeats; Optuna's
+``fail_stale_trials`` marks it FAIL once its grace period is over and ``RetryFailedTrialCallback`` queues a copy
+with the same parameters, which the next ``ask`` picks up. Running trials count towards N while they live, so
+several workers (``--jobs``, or several commands on one storage) never start more trials than needed; the count
+and the ``ask`` happen under one lock (a thread lock and an ``flock`` on a file beside the trials).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+import warnings
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .space import Space
+from .trial import Objective, Outcome, run_trial
+from .values import with_values
+
+TRIALS_DIR = "trials"
+LOCK_FILE = ".search.lock"
+#: a worker gives up after this many trials in a row that failed (the cause is almost surely not the parameters)
+MAX_FAILURES_IN_A_ROW = 3
+
+
+@dataclass
+class Settings:
+    output_dir: Path
+    trials: int
+    jobs: int = 1
+    storage: str | None = None
+    study: str = "search"
+    timeout: float | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 42
+    pruner_startup_trials: int = 2
+    heartbeat: int = 10
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.output_dir / 'study.db').resolve()}"
+
+
+def make_sampler(settings: Settings, space: Space, objective: Objective):
+    import optuna
+
+    name = settings.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=settings.seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=settings.seed)
+    if name == "cmaes":
+        if len(objective.names) > 1:
+            raise ConfigError("--sampler cmaes optimises one objective; use tpe or random with --objectives")
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--sampler cmaes needs the cmaes package: pip install cmaes (or use --sampler tpe)") from None
+        return optuna.samplers.CmaEsSampler(seed=settings.seed)
+    raise ConfigError(f"--sampler {name!r}: choose tpe, random, cmaes or grid")
+
+
+def make_pruner(settings: Settings, objective: Objective):
+    import optuna
+
+    if settings.pruner != "none" and len(objective.names) > 1:
+        raise ConfigError("pruning needs a single objective (Optuna prunes on one reported value); pass --pruner none "
+                          "with --objectives")
+    if settings.pruner != "none" and objective.intermediate_key is None:
+        raise ConfigError(f"--pruner {settings.pruner}: the objective {objective.names[0]!r} is not reported during "
+                          "training (only dev metrics are); pass --pruner none")
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials, n_warmup_steps=0)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner {settings.pruner!r}: choose median, hyperband or none")
+
+
+def open_study(settings: Settings, space: Space, objective: Objective, base: dict[str, Any]):
+    """Create the study, or open the one the same command created before (a different search is refused)."""
+    import optuna
+
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and meant for study.optimize
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(
+            settings.storage_url, heartbeat_interval=settings.heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    study = optuna.create_study(storage=storage, study_name=settings.study, load_if_exists=True,
+                                directions=objective.directions, sampler=make_sampler(settings, space, objective),
+                                pruner=make_pruner(settings, objective))
+    signature = {"space": space.source, "config": base, "objectives": objective.names}
+    stored = {key: study.user_attrs.get(key) for key in signature}
+    if stored["space"] is None:
+        for key, value in signature.items():
+            study.set_user_attr(key, value)
+    elif stored != signature:
+        changed = ", ".join(key for key in signature if stored[key] != signature[key])
+        raise ConfigError(f"study {settings.study!r} in {settings.storage_url} was created by another search (its "
+                          f"{changed} differ); rerun the same command to resume it, or pass another --study or "
+                          "output_dir")
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in objective.directions]:
+        raise ConfigError(f"study {settings.study!r} was created with other directions; pass another --study")
+    return study
+
+
+class Search:
+    """J workers (threads, each driving one training process at a time) on one study."""
+
+    def __init__(self, study, settings: Settings, space: Space, objective: Objective, base: dict[str, Any],
+                 say=print) -> None:
+        self.study, self.settings, self.space, self.objective, self.base = study, settings, space, objective, base
+        self.say = say
+        self.lock = threading.Lock()
+        self.deadline = time.monotonic() + settings.timeout if settings.timeout else None
+        self.failures_in_a_row = 0
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        workers = [threading.Thread(target=self._worker, daemon=True, name=f"search-{i}")
+                   for i in range(self.settings.jobs)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(timeout=0.5)
+        if self.error:
+            raise ConfigError(self.error)
+
+    @contextmanager
+    def _claim(self):
+        path = self.settings.output_dir / LOCK_FILE
+        with self.lock, open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _next_trial(self):
+        """A trial to run, None to wait (others' trials may still finish or fail), or False: done."""
+        import optuna
+        from optuna.trial import TrialState
+
+        with self._claim():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optuna.storages.fail_stale_trials(self.study)
+            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+            if done >= self.settings.trials or self.stop.is_set():
+                return False
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return False
+            if done + states.count(TrialState.RUNNING) >= self.settings.trials:
+                return None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial = self.study.ask()
+            self.study._storage.record_heartbeat(trial._trial_id)
+            return trial
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                trial = self._next_trial()
+                if trial is False:
+                    return
+                if trial is None:
+                    time.sleep(1.0)
+                    continue
+                self._run(trial)
+        except Exception as err:  # a worker's error ends the search (the others stop after their trial)
+            self.error = self.error or f"search worker failed: {type(err).__name__}: {err}"
+            self.stop.set()
+
+    def _run(self, trial) -> None:
+        from optuna.trial import TrialState
+
+        sampled = self.space.sample(trial, self.base)
+        folder = self.settings.output_dir / TRIALS_DIR / f"{trial.number:03d}"
+        trial.set_user_attr("folder", str(folder))
+        values = with_values(self.base, {**sampled, "output_dir": str(folder), "quiet": True})
+        storage = self.study._storage
+        outcome: Outcome = run_trial(trial, folder, values, self.objective,
+                                     heartbeat=lambda: storage.record_heartbeat(trial._trial_id),
+                                     heartbeat_seconds=self.settings.heartbeat / 2)
+        trial.set_user_attr("seconds", round(outcome.seconds, 3))
+        if outcome.state == "complete":
+            self.study.tell(trial, outcome.values)
+            self.failures_in_a_row = 0
+        elif outcome.state == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.failures_in_a_row = 0
+        else:
+            trial.set_user_attr("error", outcome.message[-2000:])
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.failures_in_a_row += 1
+            if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                self.error = (f"{self.failures_in_a_row} trials in a row failed; the last one: trial {trial.number} "
+                              f"({folder}): {outcome.message}")
+                self.stop.set()
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in sampled.items())
+        if outcome.state == "complete":
+            detail = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.objective.names, outcome.values))
+        else:
+            detail = outcome.message.splitlines()[0] if outcome.message else ""
+        self.say(f"trial {trial.number:03d} {outcome.state:<8} {outcome.seconds:6.1f}s  {detail}  [{shown}]")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
