@@ -10,7 +10,7 @@ Each entry is a dotted config key (as on the ``peftkit train`` command line) wit
     distill.alpha: {float: [0.1, 0.9], when: {method: [lora, dora]}}
 
 Conditions: a key under a method's section (``lora.*``, ``dora.*``...) is sampled only in trials whose method is
-that one. ``when: {KEY: [values]}`` adds conditions of your own (every listed key must hold one of its values;
+that one (``method`` is sampled before every other key). ``when: {KEY: [values]}`` adds conditions of your own (every listed key must hold one of its values;
 KEY is an earlier key of the space, or else the config's value is used). An inactive key keeps the config's
 value. The whole space is checked against the config schema before any trial runs: every key must exist and every
 bound and choice must be a value the config accepts.
@@ -116,6 +116,7 @@ def load_space(path: str | Path, base: dict[str, Any]) -> Space:
                                   "sampled")
             param.when["method"] = [section]
         params.append(param)
+    params.sort(key=lambda p: p.key != "method")  # sampled first: the method's own keys depend on it
     space = Space(params, raw)
     for param in params:
         _check_values(path, param, base, params)

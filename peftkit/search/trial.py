@@ -109,14 +109,16 @@ def run_trial(trial, folder: Path, values: dict[str, Any], objective: Objective,
             if time.monotonic() - last_beat >= heartbeat_seconds:
                 heartbeat()
                 last_beat = time.monotonic()
+            if status is not None:  # finished (a run that got to its end is scored whole, never pruned)
+                break
             if key is not None and _report(trial, folder, key, reported) and trial.should_prune():
                 _stop(process)
                 return Outcome("pruned", seconds=time.monotonic() - started,
                                message=f"pruned after step {max(reported)}")
-            if status is not None:
-                break
             time.sleep(POLL_SECONDS)
     seconds = time.monotonic() - started
+    if key is not None:
+        _report(trial, folder, key, reported)  # the evaluations of the last moments, for the plots
     if status != 0:
         return Outcome("fail", seconds=seconds, exit_status=status,
                        message=f"peftkit train exited with status {status}: {_tail(folder / TRIAL_LOG)}")

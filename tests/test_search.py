@@ -1,0 +1,106 @@
+"""``peftkit search``: the space file and the command line, checked before any trial runs (fast tests; the
+searches themselves are in test_search_runs.py)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from peftkit import cli
+
+pytest.importorskip("optuna")
+
+
+def _files(tmp_path, space, **config):
+    values = {"model": "minilm", "method": "lora", "output_dir": str(tmp_path / "out"), **config}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(values), encoding="utf-8")
+    (tmp_path / "space.yaml").write_text(space if isinstance(space, str) else yaml.safe_dump(space, sort_keys=False), encoding="utf-8")
+    return str(tmp_path / "base.yaml"), str(tmp_path / "space.yaml")
+
+
+def _search(tmp_path, capsys, space, *args, **config) -> tuple[int, str]:
+    base, space_file = _files(tmp_path, space, **config)
+    status = cli.main(["search", base, "--space", space_file, "--trials", "2", *args])
+    return status, capsys.readouterr().err
+
+
+def test_unknown_space_key_exits_2_naming_it_and_the_closest_keys(tmp_path, capsys):
+    status, err = _search(tmp_path, capsys, {"learning_rate": {"log": [1e-5, 1e-2]}, "lora.rank": {"choice": [4, 8]}})
+    assert status == 2
+    assert "'lora.rank'" in err and "did you mean lora.r" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+
+
+def test_misspelt_top_level_key_is_named_with_suggestions(tmp_path, capsys):
+    status, err = _search(tmp_path, capsys, {"learning_rat": {"log": [1e-5, 1e-2]}})
+    assert status == 2 and "'learning_rat'" in err and "learning_rate" in err
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"learning_rate": {"log": [0, 1e-2]}}, ["learning_rate", "positive low bound"]),
+    ({"learning_rate": {"float": [1e-2, 1e-5]}}, ["learning_rate", "low < high"]),
+    ({"epochs": {"int": [1.5, 3]}}, ["epochs", "whole-number"]),
+    ({"lora.r": {"choice": []}}, ["lora.r", "non-empty list"]),
+    ({"lora.r": {"uniform": [1, 4]}}, ["lora.r", "exactly one of log, float, int, choice"]),
+    ({"lora.r": 8}, ["lora.r", "expected a distribution"]),
+    ({"batch_size": {"int": [0, 8]}}, ["batch_size", "the value 0 is refused by the config"]),
+    ({"lora.r": {"float": [2, 9]}}, ["lora.r", "refused by the config"]),  # a float range on an integer key
+    ({"method": {"choice": ["lora", "lorax"]}}, ["method", "'lorax'"]),
+    ({"output_dir": {"choice": ["a", "b"]}}, ["output_dir", "cannot be searched"]),
+    ({"lora.r": {"choice": [4]}, "method": {"choice": ["lora"]}, "lora.alpha": {"choice": [8], "when": {"lora.r": [4]}},
+      "learning_rate": {"log": [1e-4, 1e-3], "when": {"epochs": 2, "lora.dropout": [0.1]}}}, None),
+])
+def test_bad_distributions_exit_2_naming_the_key(tmp_path, capsys, spec, words):
+    if words is None:  # a valid space (conditions on sampled and on fixed keys): refused only for a later reason
+        status, err = _search(tmp_path, capsys, spec, "--objectives", "nonsense")
+        assert status == 2 and "--objectives" in err, err
+        return
+    status, err = _search(tmp_path, capsys, spec)
+    assert status == 2, err
+    for word in words:
+        assert word in err, err
+    assert "Traceback" not in err
+
+
+def test_condition_listed_before_its_key_and_unknown_condition_keys(tmp_path, capsys):
+    status, err = _search(tmp_path, capsys, {"lora.alpha": {"choice": [8], "when": {"lora.r": [4]}},
+                                             "lora.r": {"choice": [4, 8]}})
+    assert status == 2 and "list lora.r first" in err
+    status, err = _search(tmp_path, capsys, {"lora.r": {"choice": [4], "when": {"metod": ["lora"]}}})
+    assert status == 2 and "'metod'" in err and "method" in err
+
+
+def test_objectives_and_pruner_are_checked(tmp_path, capsys):
+    space = {"learning_rate": {"log": [1e-5, 1e-2]}}
+    status, err = _search(tmp_path, capsys, space, "--objectives", "accuracy,bogus")
+    assert status == 2 and "'bogus'" in err and "trainable_parameters" in err
+    status, err = _search(tmp_path, capsys, space, "--objectives", "accuracy,trainable_parameters", "--pruner", "median")
+    assert status == 2 and "single objective" in err
+    status, err = _search(tmp_path, capsys, space, "--objectives", "accuracy", "--direction", "maximize,minimize")
+    assert status == 2 and "once per objective" in err
+    status, err = _search(tmp_path, capsys, space, "--sampler", "grid")
+    assert status == 2 and "grid needs choice or int" in err
+
+
+def test_method_keys_are_sampled_only_with_their_method(tmp_path):
+    """lora.r is sampled in lora trials only; a bitfit trial gets a config without a lora section that validates."""
+    from optuna.trial import FixedTrial
+
+    from peftkit.search.space import load_space
+    from peftkit.search.values import base_values, with_values
+    from peftkit.train.config import load, validate
+
+    base_file, space_file = _files(tmp_path, {
+        "method": {"choice": ["lora", "bitfit"]}, "lora.r": {"choice": [4, 16]},
+        "learning_rate": {"log": [1e-4, 1e-2], "when": {"method": "bitfit"}}}, lora={"r": 8, "alpha": 16})
+    base = base_values(load(base_file, []))
+    space = load_space(space_file, base)
+    lora = space.sample(FixedTrial({"method": "lora", "lora.r": 16}), base)
+    assert lora == {"method": "lora", "lora.r": 16}
+    config = validate(with_values(base, lora))
+    assert config.section().r == 16 and config.section().alpha == 16  # the base's other lora keys stay
+    bitfit = space.sample(FixedTrial({"method": "bitfit", "learning_rate": 1e-3}), base)
+    assert bitfit == {"method": "bitfit", "learning_rate": 1e-3}
+    config = validate(with_values(base, bitfit))
+    assert config.method == "bitfit" and "lora" not in config.to_yaml()
