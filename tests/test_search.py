@@ -104,3 +104,56 @@ def test_method_keys_are_sampled_only_with_their_method(tmp_path):
     assert bitfit == {"method": "bitfit", "learning_rate": 1e-3}
     config = validate(with_values(base, bitfit))
     assert config.method == "bitfit" and "lora" not in config.to_yaml()
+
+
+# ------------------------------------------------------------------ the study loop, with trials that do not train
+def _fake_trials(monkeypatch, outcome):
+    """Trials that write their config and return ``outcome(values)`` at once (no training process)."""
+    from peftkit.search import study as S
+    from peftkit.search.trial import write_trial_config
+
+    seen = []
+
+    def fake(trial, folder, values, objective, heartbeat, heartbeat_seconds):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_trial_config(folder, values)
+        heartbeat()
+        seen.append(values)
+        return outcome(values)
+
+    monkeypatch.setattr(S, "run_trial", fake)
+    return seen
+
+
+def test_grid_search_stops_when_every_point_was_tried(tmp_path, capsys, monkeypatch):
+    from peftkit.search.trial import Outcome
+
+    seen = _fake_trials(monkeypatch, lambda v: Outcome("complete", [v["lora"]["r"] / 10], 0.1))
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4, 8]}})
+    assert cli.main(["search", base, "--space", space, "--trials", "5", "--sampler", "grid", "--pruner", "none"]) == 0
+    assert sorted(v["lora"]["r"] for v in seen) == [2, 4, 8]  # each point once, then the grid is done
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    assert best["lora"]["r"] == 8 and best["output_dir"] == str((tmp_path / "out" / "best").resolve())
+    out = capsys.readouterr().out
+    assert "best trial" in out and "optuna-dashboard sqlite:///" in out
+
+
+def test_trials_failing_in_a_row_stop_the_search_with_exit_2(tmp_path, capsys, monkeypatch):
+    from peftkit.search.trial import Outcome
+
+    seen = _fake_trials(monkeypatch, lambda v: Outcome("fail", seconds=0.1, message="peftkit train exited with status 2: data"))
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4, 8]}})
+    assert cli.main(["search", base, "--space", space, "--trials", "6"]) == 2
+    assert len(seen) == 3
+    assert "3 trials in a row failed" in capsys.readouterr().err
+
+
+def test_rerun_with_another_space_is_refused(tmp_path, capsys, monkeypatch):
+    from peftkit.search.trial import Outcome
+
+    _fake_trials(monkeypatch, lambda v: Outcome("complete", [0.5], 0.1))
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4]}})
+    assert cli.main(["search", base, "--space", space, "--trials", "2"]) == 0
+    (tmp_path / "space.yaml").write_text("lora.r: {choice: [2, 16]}\n", encoding="utf-8")
+    assert cli.main(["search", base, "--space", space, "--trials", "2"]) == 2
+    assert "created by another search (its space changed)" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def make_sampler(settings: Settings, space: Space, objective: Objective):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=settings.seed)
+        return _grid_sampler(space.grid(), seed=settings.seed)
     if name == "cmaes":
         if len(objective.names) > 1:
             raise ConfigError("--sampler cmaes optimises one objective; use tpe or random with --objectives")
@@ -69,6 +69,19 @@ def make_sampler(settings: Settings, space: Space, objective: Objective):
             raise ConfigError("--sampler cmaes needs the cmaes package: pip install cmaes (or use --sampler tpe)") from None
         return optuna.samplers.CmaEsSampler(seed=settings.seed)
     raise ConfigError(f"--sampler {name!r}: choose tpe, random, cmaes or grid")
+
+
+def _grid_sampler(grid: dict, seed: int):
+    from optuna.samplers import GridSampler
+
+    class Grid(GridSampler):
+        """Optuna's grid, without its ``study.stop()`` once every point was visited: that call is meant for
+        ``study.optimize`` and fails under ask-and-tell; the workers stop on ``is_exhausted`` themselves."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return Grid(grid, seed=seed)
 
 
 def make_pruner(settings: Settings, objective: Objective):
@@ -110,7 +123,7 @@ def open_study(settings: Settings, space: Space, objective: Objective, base: dic
     elif stored != signature:
         changed = ", ".join(key for key in signature if stored[key] != signature[key])
         raise ConfigError(f"study {settings.study!r} in {settings.storage_url} was created by another search (its "
-                          f"{changed} differ); rerun the same command to resume it, or pass another --study or "
+                          f"{changed} changed); rerun the same command to resume it, or pass another --study or "
                           "output_dir")
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in objective.directions]:
         raise ConfigError(f"study {settings.study!r} was created with other directions; pass another --study")
@@ -166,6 +179,9 @@ class Search:
                 return False
             if self.deadline is not None and time.monotonic() > self.deadline:
                 return False
+            sampler = self.study.sampler
+            if hasattr(sampler, "is_exhausted") and sampler.is_exhausted(self.study):
+                return False  # every grid point was tried
             if done + states.count(TrialState.RUNNING) >= self.settings.trials:
                 return None
             with warnings.catch_warnings():
@@ -189,6 +205,15 @@ class Search:
             self.stop.set()
 
     def _run(self, trial) -> None:
+        from optuna.trial import TrialState
+
+        try:
+            self._train(trial)
+        except BaseException:
+            self.study.tell(trial, state=TrialState.FAIL)  # never left RUNNING by a bug of ours
+            raise
+
+    def _train(self, trial) -> None:
         from optuna.trial import TrialState
 
         sampled = self.space.sample(trial, self.base)
