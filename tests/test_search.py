@@ -157,3 +157,16 @@ def test_rerun_with_another_space_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "space.yaml").write_text("lora.r: {choice: [2, 16]}\n", encoding="utf-8")
     assert cli.main(["search", base, "--space", space, "--trials", "2"]) == 2
     assert "created by another search (its space changed)" in capsys.readouterr().err
+
+
+def test_config_overrides_after_the_search_options_reach_every_trial(tmp_path, monkeypatch):
+    from peftkit.search.trial import Outcome
+
+    seen = _fake_trials(monkeypatch, lambda v: Outcome("complete", [0.5], 0.1))
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4]}})
+    other = tmp_path / "elsewhere"
+    assert cli.main(["search", base, "--space", space, "--trials", "2", "--epochs", "2",
+                     "--output_dir", str(other)]) == 0
+    assert [v["epochs"] for v in seen] == [2, 2]
+    assert all(v["output_dir"].startswith(str(other / "trials")) for v in seen)
+    assert (other / "study.db").is_file() and (other / "summary.json").is_file()

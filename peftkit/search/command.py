@@ -18,7 +18,15 @@ rerunning the same command resumes it (a trial cut short by a killed search is f
 holds N complete + pruned trials. At the end: a table of the trials, output_dir/best.yaml (peftkit train
 best.yaml trains the best trial again), output_dir/summary.json and output_dir/plots/. The storage opens in
 optuna-dashboard (pip install optuna-dashboard; optuna-dashboard sqlite:///output_dir/study.db).
-Remaining --key value pairs override the config, as for peftkit train. SPACE.yaml: see peftkit.search.space."""
+CONFIG is the base run config (default: the embedded demo, as for peftkit train); the remaining --key value pairs
+override it, as for peftkit train.
+
+SPACE.yaml maps dotted config keys to distributions (the whole syntax: peftkit/search/space.py):
+    learning_rate: {log: [1.0e-5, 1.0e-2]}
+    method: {choice: [lora, dora]}
+    lora.r: {choice: [4, 8, 16]}          # lora.* keys are sampled only in lora trials (dora.* in dora trials)
+    lora.dropout: {float: [0.0, 0.3], step: 0.05}
+    epochs: {int: [1, 4], when: {method: [lora]}}"""
 
 #: objectives besides the task's dev metrics, and the direction each one defaults to
 EXTRA_OBJECTIVES = {"trainable_parameters": "minimize", "trainable_share": "minimize", "seconds": "minimize"}
@@ -27,7 +35,6 @@ EXTRA_OBJECTIVES = {"trainable_parameters": "minimize", "trainable_share": "mini
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftkit search", usage=USAGE, description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("config", nargs="?", help="the base run config (default: the embedded demo, as peftkit train)")
     p.add_argument("--space", required=True, help="SPACE.yaml: config keys and their distributions")
     p.add_argument("--trials", type=int, required=True, help="complete + pruned trials the study should hold")
     p.add_argument("--jobs", type=int, default=1, help="trials trained at the same time")
@@ -49,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
+    argv = list(argv)
+    config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None  # as for train: CONFIG comes first
     args, overrides = parser().parse_known_args(argv)
     from ..train.config import load
     from .report import finish
@@ -56,7 +65,7 @@ def run(argv: list[str]) -> int:
     from .study import Search, Settings, open_study
     from .values import base_values
 
-    config_file, embedded = args.config, False
+    embedded = False
     if config_file is None and not any(a.split("=")[0] == "--train_file" for a in overrides):
         from ..tasks.demo import DATA_DIR
 

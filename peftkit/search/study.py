@@ -141,6 +141,7 @@ class Search:
         self.deadline = time.monotonic() + settings.timeout if settings.timeout else None
         self.failures_in_a_row = 0
         self.error: str | None = None
+        self.crash: BaseException | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -151,6 +152,8 @@ class Search:
         for worker in workers:
             while worker.is_alive():
                 worker.join(timeout=0.5)
+        if self.crash is not None:
+            raise self.crash
         if self.error:
             raise ConfigError(self.error)
 
@@ -200,8 +203,8 @@ class Search:
                     time.sleep(1.0)
                     continue
                 self._run(trial)
-        except Exception as err:  # a worker's error ends the search (the others stop after their trial)
-            self.error = self.error or f"search worker failed: {type(err).__name__}: {err}"
+        except BaseException as err:  # a worker's error ends the search (the others stop after their trial)
+            self.crash = self.crash or err
             self.stop.set()
 
     def _run(self, trial) -> None:

@@ -51,6 +51,8 @@ class Objective:
     def intermediate_key(self) -> str | None:
         """The history key reported at each evaluation (the first objective, when it is a dev metric)."""
         first = self.names[0]
+        if len(self.names) > 1:  # Optuna takes intermediate values (and prunes) with one objective only
+            return None
         return f"dev_{first}" if first == "loss" or first in self.curve_metrics else None
 
     def values(self, report: dict, seconds: float) -> list[float]:
