@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..config import ConfigError
@@ -88,7 +89,11 @@ def run(argv: list[str]) -> int:
     study = open_study(settings, space, objective, base)
     print(f"study {settings.study!r} in {settings.storage_url}: {args.trials} trials, {objective.names} "
           f"({', '.join(objective.directions)}), sampler {settings.sampler}, pruner {settings.pruner}", flush=True)
-    Search(study, settings, space, objective, base, say=lambda text: print(text, flush=True)).run()
+    try:
+        Search(study, settings, space, objective, base, say=lambda text: print(text, flush=True)).run()
+    except KeyboardInterrupt:  # the running trials die with us; the next run fails and re-queues them
+        print("\ninterrupted: rerun the same command to resume the study", file=sys.stderr)
+        return 130
     finish(study, settings, objective)
     return 0
 
