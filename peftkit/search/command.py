@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--space", required=True, help="SPACE.yaml: config keys and their distributions")
     p.add_argument("--trials", type=int, required=True, help="complete + pruned trials the study should hold")
+    p.add_argument("--resume", action="store_true", help="continue the study (rerunning the same command does anyway)")
     p.add_argument("--jobs", type=int, default=1, help="trials trained at the same time")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output_dir>/study.db)")
     p.add_argument("--study", default="search", help="study name in the storage")
