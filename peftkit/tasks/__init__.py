@@ -6,7 +6,8 @@ examples are read and checked from files, the task's vocabulary stored in the ru
 classification), encoding and collating a batch, the training loss, turning model outputs into predictions,
 metrics / report / plots, the rows ``peftkit predict`` writes, and the server's request/response schema.
 
-Built in: ``classification`` (single texts and pairs; ``tasks/classification.py``). A new task subclasses ``Task``,
+Built in: ``classification`` (single texts and pairs; ``tasks/classification.py``), ``causal-lm`` and
+``token-classification`` (``tasks/token_classification.py``). A new task subclasses ``Task``,
 fills its seams and calls ``register_task``; the config key ``task: <name>`` then selects it. The seams the next
 tasks need are marked below: ``token-classification`` (one label per token: ``targets`` and ``gather`` return
 per-token rows, ``metrics`` uses seqeval) and ``causal-lm`` (prompt/response columns; ``forward`` is teacher-forced
@@ -29,7 +30,8 @@ DEFAULT_TASK = "classification"
 MERGED_MARKER = "peftkit_head.json"
 
 _TASKS: dict[str, "Task"] = {}
-_BUILT_IN = {"classification": "peftkit.tasks.classification", "causal-lm": "peftkit.tasks.causal_lm"}  # imported on first use
+_BUILT_IN = {"classification": "peftkit.tasks.classification", "causal-lm": "peftkit.tasks.causal_lm",
+             "token-classification": "peftkit.tasks.token_classification"}  # imported on first use
 
 
 @dataclass
@@ -67,6 +69,9 @@ class Task:
     curve_metrics: ClassVar[tuple[str, ...]] = ()
     #: the values ``metric_for_best_model`` may take for this task (the first is its default)
     best_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "loss")
+    #: whether a method's ``train_logits`` (head-only training on the frozen body's pooled features) fits this
+    #: task's batches; False: such methods train through the plain forward (token-classification)
+    pooled_head: ClassVar[bool] = True
 
     # -- the model ---------------------------------------------------------------------------------------
     def build_model(self, model_path: str, config, vocabulary) -> nn.Module:

@@ -110,7 +110,7 @@ class RunConfig(BaseModel):
 
     # model, task and method
     model: str = Field("minilm", description="path of a transformers model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
-    task: str = Field("classification", description="what the model learns (see peftkit.tasks): classification")
+    task: str = Field("classification", description="what the model learns: classification, causal-lm, token-classification")
     method: str = Field("lora", description="training method (peftkit.available_methods()): lora, dora, adalora, "
                         "bottleneck, bitfit, head, full, or a registered one")
     pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
@@ -130,7 +130,9 @@ class RunConfig(BaseModel):
     eval_generations: int = Field(32, ge=0, description="causal-lm: dev prompts answered at the end (base vs adapted)")
     max_new_tokens: int = Field(128, gt=0, description="causal-lm: longest answer generated in that evaluation")
     dev_split: float = Field(0.1, gt=0, le=0.5, description="share of train held out as dev when dev_file is not given")
-    max_length: int = Field(128, gt=0, le=8192, description="tokens per example (longer ones are truncated)")
+    max_length: int = Field(128, gt=0, le=8192, description="tokens per example (longer: truncated; NER: windows)")
+    tag_scheme: Literal["auto", "IOB2", "BIOES"] = Field("auto", description="token-classification: tags (auto: detected)")
+    strict_tags: bool = Field(True, description="token-classification: invalid tag transitions are errors; seqeval strict mode")
 
     # optimisation
     epochs: float = Field(3, gt=0, description="passes over the training data")
@@ -154,8 +156,8 @@ class RunConfig(BaseModel):
     eval_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="when to evaluate on dev")
     eval_steps: int = Field(200, gt=0, description="evaluate every N optimizer steps (eval_strategy: steps)")
     save_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps (default: at each evaluation)")
-    metric_for_best_model: Literal["accuracy", "macro_f1", "loss"] = Field(
-        "accuracy", description="metric that picks the best checkpoint (default: the task's; causal-lm: loss)")
+    metric_for_best_model: str = Field("accuracy", description="metric that picks the best checkpoint: accuracy, "
+                                       "macro_f1, loss, f1 (default: the task's; causal-lm: loss; token-classification: f1)")
     early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
     keep_checkpoints: int = Field(2, ge=1, description="how many step checkpoints to keep (the best is kept apart)")
 

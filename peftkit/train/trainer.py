@@ -178,7 +178,7 @@ class Trainer:
         targets = [self.targets["train"][i] for i in mine]
         context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
         with context, self._autocast():
-            if self.method.train_logits is not None:  # e.g. head-only training on cached features
+            if self.method.train_logits is not None and self.task.pooled_head:  # e.g. head-only on cached features
                 logits = self.method.train_logits(self.wrapped, batch, [("train", i) for i in mine],
                                                   self.method_config, self.method_store)
                 losses = self.task.loss_sum(logits, targets)

@@ -1,0 +1,288 @@
+"""Token classification (NER): one tag per word (``task: token-classification``).
+
+The model is transformers' ``AutoModelForTokenClassification`` with a new head sized to the tags (saved with the
+adapter as ``modules_to_save``, like classification's head). Data, the tag set (``tags.json``), windows and spans:
+``token_data.py``; metrics: ``token_metrics.py``.
+
+How a sentence becomes predictions: each word is tokenized alone; the first sub-token of a word carries its tag
+and the others are ignored in the loss. A sentence longer than ``max_length`` sub-tokens (special tokens included)
+is split into windows of whole words that overlap by about a quarter of a window; every word is predicted from
+the window where it has the most context, so no word is ever dropped. The batch ``collate`` builds holds one row
+per window; ``logits`` stitches the rows back into one row of word logits per sentence ([sentences, words, tags],
+zero-padded), which is what ``loss_sum``, ``gather``, ``metrics`` and ``prediction_rows`` see. The loss of a
+sentence is the mean cross-entropy over its words; sentences are then summed like classification's examples.
+
+Predictions are entity spans ``{text, type, start, end, score}``: character offsets into the input text (for
+``--text``: the text as given; for a file: its words joined by single spaces), ``score`` the mean over the span's
+words of the probability of each word's predicted tag.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import Datasets, Task, register_task
+from . import token_data as T
+from .data import DataError
+
+PLAN = "token_plan"  # the batch key holding where each word's logits are (popped before the model sees the batch)
+
+
+class TokenOutputs:
+    """The model's outputs for a batch of window rows, with the plan that maps them back to words."""
+
+    def __init__(self, raw, plan: dict) -> None:
+        self.raw, self.plan = raw, plan
+
+    def __getattr__(self, name: str):  # hidden_states etc. (distillation) come from the model's own outputs
+        return getattr(self.__dict__["raw"], name)
+
+
+class TokenClassification(Task):
+    name = "token-classification"
+    vocabulary_file = "tags.json"
+    column_keys = ()
+    curve_metrics = ("f1", "accuracy")
+    best_metrics = ("f1", "macro_f1", "accuracy", "loss")
+    pooled_head = False
+
+    # -- the model ---------------------------------------------------------------------------------------
+    def build_model(self, model_path: str, config, vocabulary: T.TagSet) -> nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        names = dict(enumerate(vocabulary.names))
+        return AutoModelForTokenClassification.from_pretrained(
+            model_path, num_labels=len(vocabulary), id2label=names, label2id={v: k for k, v in names.items()},
+            ignore_mismatched_sizes=True)
+
+    # -- reading data ------------------------------------------------------------------------------------
+    def read(self, path: str | Path, config, labelled: bool = True) -> list[T.Sentence]:
+        return T.read_sentences(path, labelled)
+
+    def load_datasets(self, config) -> Datasets:
+        if config.distill is not None:
+            from ..config import ConfigError
+
+            raise ConfigError("distill: is offered for classification; drop the distill settings for token-classification")
+        train = self.read(config.train_file, config)
+        scheme = T.detect_scheme(train, config.tag_scheme, str(config.train_file))
+        tags = T.TagSet.from_sentences(train, scheme, config.strict_tags)
+        if len(tags) < 2:
+            raise DataError(f"{config.train_file}: only one tag ({tags.names[0]!r}); a tagger needs two or more")
+        splits = {}
+        for split in ("dev", "test"):
+            path = getattr(config, f"{split}_file")
+            splits[split] = self.read(path, config) if path else []
+            if path:
+                tags.ids(splits[split], str(path))  # a tag unseen in train: an error naming file and line
+        for path, sentences in ((config.train_file, train), (config.dev_file, splits["dev"]),
+                                (config.test_file, splits["test"])):
+            if config.strict_tags and sentences:
+                T.check_transitions(sentences, scheme, str(path))
+        if not config.dev_file:
+            import random
+
+            order = list(range(len(train)))
+            random.Random(config.seed).shuffle(order)
+            take = max(1, int(round(len(train) * config.dev_split))) if len(train) > 1 else 0
+            splits["dev"], train = [train[i] for i in order[:take]], [train[i] for i in order[take:]]
+        return Datasets(tags, train, splits["dev"], splits["test"])
+
+    def inputs(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[T.Sentence]:
+        if pairs:
+            raise DataError("token-classification tags single texts; drop --text_pair")
+        return [T.split_words(text, i + 1) for i, text in enumerate(texts)]
+
+    def vocabulary_to_dict(self, vocabulary: T.TagSet) -> dict:
+        return vocabulary.to_dict()
+
+    def vocabulary_from_dict(self, data: dict) -> T.TagSet:
+        return T.TagSet.from_dict(data)
+
+    def names(self, vocabulary: T.TagSet) -> list[str]:
+        return vocabulary.names
+
+    def targets(self, examples: Sequence[T.Sentence], vocabulary: T.TagSet, source: str) -> list[list[int]]:
+        return vocabulary.ids(examples, source)
+
+    # -- batches -------------------------------------------------------------------------------------------
+    def encode(self, tokenizer, examples: Sequence[T.Sentence], max_length: int) -> list[dict]:
+        prefix, suffix = T.special_tokens(tokenizer)
+        budget = max_length - len(prefix) - len(suffix)
+        if budget < 1:
+            raise DataError(f"max_length {max_length} leaves no room for words beside the tokenizer's "
+                            f"{len(prefix) + len(suffix)} special tokens; raise max_length")
+        features = []
+        for sentence in examples:
+            pieces = T.word_pieces(tokenizer, sentence.words, budget)
+            lengths = [len(p) for p in pieces]
+            spans, best = T.windows(lengths, budget)
+            # input_ids: all sub-tokens (their count orders batches by length); collate cuts the windows
+            features.append({"input_ids": [i for p in pieces for i in p], "lengths": lengths, "spans": spans,
+                             "best": best, "special": (prefix, suffix)})
+        return features
+
+    def collate(self, tokenizer, features: Sequence[dict]) -> dict:
+        rows, sentence, word, row, position = [], [], [], [], []
+        for s, feature in enumerate(features):
+            prefix, suffix = feature["special"]
+            starts = [0]
+            for length in feature["lengths"]:
+                starts.append(starts[-1] + length)
+            first_row = len(rows)
+            for a, b in feature["spans"]:
+                rows.append({"input_ids": prefix + feature["input_ids"][starts[a]:starts[b]] + suffix})
+            for w, window in enumerate(feature["best"]):
+                sentence.append(s), word.append(w), row.append(first_row + window)
+                position.append(len(prefix) + starts[w] - starts[feature["spans"][window][0]])
+        if not rows:  # only empty texts: one row of special tokens keeps the model's forward well-formed
+            rows.append({"input_ids": list(features[0]["special"][0] + features[0]["special"][1])} if features
+                        else {"input_ids": [0]})
+        batch = dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))
+        width = max((len(f["lengths"]) for f in features), default=0)
+        batch[PLAN] = {"sentences": len(features), "width": width,
+                       **{k: torch.tensor(v, dtype=torch.long) for k, v in
+                          (("sentence", sentence), ("word", word), ("row", row), ("position", position))}}
+        return batch
+
+    def forward(self, model: nn.Module, batch: dict, **kwargs) -> TokenOutputs:
+        inputs = {k: v for k, v in batch.items() if k != PLAN}
+        return TokenOutputs(model(**inputs, **kwargs), batch[PLAN])
+
+    def logits(self, outputs: TokenOutputs) -> torch.Tensor:
+        """Word logits [sentences, words, tags]: each word's first sub-token in the window chosen for it."""
+        plan, window = outputs.plan, outputs.raw.logits
+        words = window.new_zeros(plan["sentences"], plan["width"], window.shape[-1])
+        words[plan["sentence"], plan["word"]] = window[plan["row"], plan["position"]]
+        return words
+
+    def loss_sum(self, logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+        target = torch.full(logits.shape[:2], -100, dtype=torch.long)
+        for i, tags in enumerate(targets):
+            target[i, :len(tags)] = torch.as_tensor(list(tags), dtype=torch.long)
+        per_word = nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+        counts = (target != -100).sum(1).clamp(min=1)
+        return (per_word.sum(1) / counts).sum()
+
+    def gather(self, pieces: Sequence[tuple[list[int], torch.Tensor]], count: int) -> torch.Tensor:
+        width = max((logits.shape[1] for _, logits in pieces), default=0)
+        out = torch.zeros(count, width, pieces[0][1].shape[-1] if pieces else 0)
+        for index, logits in pieces:
+            out[index, :logits.shape[1]] = logits.float()
+        return out
+
+    # -- evaluation and report ---------------------------------------------------------------------------
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), -1)
+
+    def metrics(self, logits: torch.Tensor, targets: Sequence[Sequence[int]], vocabulary: T.TagSet) -> dict:
+        from .token_metrics import scores
+
+        targets = [list(t) for t in targets]
+        predicted = [logits[i, :len(t)].argmax(-1).tolist() for i, t in enumerate(targets)]
+        result = scores(targets, predicted, vocabulary)
+        result["loss"] = float(self.loss_sum(logits, targets)) / len(targets) if targets else float("nan")
+        return result
+
+    def final_evaluation(self, model: nn.Module, tokenizer, datasets: Datasets, config, say) -> dict:
+        """How many sentences of each split needed more than one window (the report's ``windowed_sentences``)."""
+        counts = {}
+        for split in ("train", "dev", "test"):
+            sentences = getattr(datasets, split)
+            if sentences:
+                features = self.encode(tokenizer, sentences, config.max_length)
+                counts[split] = {"sentences": len(sentences), "windowed": sum(len(f["spans"]) > 1 for f in features)}
+        if any(c["windowed"] for c in counts.values()):
+            say("sentences longer than max_length, split into overlapping windows: "
+                + ", ".join(f"{split} {c['windowed']} of {c['sentences']}" for split, c in counts.items()))
+        return {"windowed_sentences": counts}
+
+    def summary(self, result: dict) -> str:
+        return (f"entity F1 {result['f1']:.4f}   precision {result['precision']:.4f}   recall {result['recall']:.4f}   "
+                f"macro-F1 {result['macro_f1']:.4f}   word accuracy {result['accuracy']:.4f}")
+
+    def plots(self, report: dict, vocabulary: T.TagSet, directory: Path) -> None:
+        from .classification_metrics import plot_confusion
+
+        for split in ("dev", "test"):
+            if split in report:
+                plot_confusion(report[split]["confusion_matrix"], report[split]["entity_types"],
+                               directory / f"confusion_{split}.png", f"entity types ({split})")
+
+    def settings(self, config) -> dict:
+        return {"tag_scheme": config.tag_scheme, "strict_tags": config.strict_tags}
+
+    def info(self, report: dict) -> dict:
+        return {f"{split} entity F1": round(report[split]["f1"], 4) for split in ("dev", "test") if split in report}
+
+    # -- prediction output -------------------------------------------------------------------------------
+    def prediction_rows(self, examples: Sequence[T.Sentence], outputs: torch.Tensor, vocabulary: T.TagSet) -> list[dict]:
+        rows = []
+        for i, sentence in enumerate(examples):
+            probs = outputs[i, :len(sentence.words)]
+            best, chosen = probs.argmax(-1).tolist(), probs.max(-1).values
+            tags = [vocabulary.names[j] for j in best]
+            text, offsets = sentence.surface()
+            spans = []
+            for kind, a, b in T.entities(tags, vocabulary.scheme, vocabulary.strict):
+                start, end = offsets[a][0], offsets[b - 1][1]
+                spans.append({"text": text[start:end], "type": kind, "start": start, "end": end,
+                              "score": round(float(chosen[a:b].mean()), 6)})
+            rows.append({"text": text, "entities": spans, "tokens": list(sentence.words), "tags": tags})
+        return rows
+
+    def write_predictions(self, path: Path, rows: list[dict], vocabulary: T.TagSet) -> None:
+        """``.jsonl``/``.json``: the rows as JSON lines; any other name: CoNLL (``token<TAB>tag``)."""
+        from ..atomic import atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+                for row in rows:
+                    if path.suffix.lower() in (".jsonl", ".json"):
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    else:
+                        handle.write("".join(f"{w}\t{t}\n" for w, t in zip(row["tokens"], row["tags"])) + "\n")
+
+        atomic_write(path, write)
+
+    # -- merged folders ------------------------------------------------------------------------------------
+    def write_merged(self, folder: Path, plain: nn.Module, vocabulary: T.TagSet, config, run_path: Path,
+                     tokenizer) -> dict:
+        plain.config.id2label = dict(enumerate(vocabulary.names))
+        plain.config.label2id = {name: i for i, name in enumerate(vocabulary.names)}
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        marker = {"format": "AutoModelForTokenClassification", **vocabulary.to_dict(), "base_model": config.model,
+                  "merged_from": str(run_path), "method": config.method, "max_length": config.max_length}
+        (folder / "README.md").write_text(
+            f"# Merged model: a transformers token classifier\n\nMerged from the peftkit run `{run_path}` (method "
+            f"`{config.method}`, base model `{config.model}`); nothing here needs peftkit.\n\n"
+            f"- `config.json` + `model.safetensors`: a standard `{type(plain).__name__}` with {len(vocabulary)} "
+            f"{vocabulary.scheme} tags in `id2label`. `AutoModelForTokenClassification.from_pretrained(this folder)` "
+            "gives the run's logits; the run tags each word by its first sub-token.\n"
+            f"- tokenizer files; the run cut sentences into windows of {config.max_length} tokens.\n"
+            "- `peftkit_head.json`: the tags, scheme and settings read by `peftkit predict/eval --run`.\n",
+            encoding="utf-8")
+        return marker
+
+    def open_merged(self, folder: Path, marker: dict) -> tuple[dict, T.TagSet]:
+        values = {key: marker[key] for key in ("method", "max_length") if key in marker}
+        values.update(tag_scheme=marker.get("scheme", "IOB2"), strict_tags=bool(marker.get("strict", True)))
+        return values, T.TagSet.from_dict(marker)
+
+    def merged_model(self, folder: Path, config, vocabulary: T.TagSet) -> nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(folder)
+        if model.config.num_labels != len(vocabulary):
+            raise DataError(f"{folder}: the model has {model.config.num_labels} outputs but the marker lists "
+                            f"{len(vocabulary)} tags; merge the run again")
+        return model
+
+
+register_task(TokenClassification())
