@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from ..config import ConfigError
 from ..methods import available_methods, get_method
+from .task_keys import TaskKeys
 
 
 class Section(BaseModel):
@@ -100,7 +101,7 @@ class DistillSection(Section):
         return next(mode for mode, keys in self.MODE_KEYS.items() if key in keys)
 
 
-class RunConfig(BaseModel):
+class RunConfig(TaskKeys):
     """Everything ``peftkit train`` needs. Method settings live in the section named like the method (``lora.r``):
     the sections are not fields of this class but come from the method registry when a config is validated (extra
     keys named like a method), so a method registered at any time has its section."""
@@ -113,26 +114,14 @@ class RunConfig(BaseModel):
     task: str = Field("classification", description="what the model learns: classification, causal-lm, token-classification")
     method: str = Field("lora", description="training method (peftkit.available_methods()): lora, dora, adalora, "
                         "bottleneck, bitfit, head, full, or a registered one")
-    pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
-        "auto", description="features the classifier sees: auto = the model's sentence-transformers pooling if any, else pooler")
     distill: DistillSection | None = Field(None, description="self-distillation on top of an adapter method (set any distill.* key)")
 
     # data
     train_file: str | None = Field(None, description="training data: .csv, .tsv or .jsonl (default: the built-in demo intents)")
     dev_file: str | None = Field(None, description="evaluation data; without it, dev_split of train is held out (stratified)")
     test_file: str | None = Field(None, description="optional test data, evaluated once at the end with the best model")
-    text_column: str = Field("text", description="column with the text")
-    text_pair_column: str | None = Field(None, description="second text column for sentence pairs (NLI)")
-    label_column: str = Field("label", description="column with the label (strings or integers)")
-    prompt_column: str = Field("prompt", description="causal-lm: column with the prompt (CSV/TSV/JSONL)")
-    completion_column: str = Field("completion", description="causal-lm: column with the answer to learn")
-    system_prompt: str | None = Field(None, description="causal-lm: system message before prompt/completion rows")
-    eval_generations: int = Field(32, ge=0, description="causal-lm: dev prompts answered at the end (base vs adapted)")
-    max_new_tokens: int = Field(128, gt=0, description="causal-lm: longest answer generated in that evaluation")
     dev_split: float = Field(0.1, gt=0, le=0.5, description="share of train held out as dev when dev_file is not given")
     max_length: int = Field(128, gt=0, le=8192, description="tokens per example (longer: truncated; NER: windows)")
-    tag_scheme: Literal["auto", "IOB2", "BIOES"] = Field("auto", description="token-classification: tags (auto: detected)")
-    strict_tags: bool = Field(True, description="token-classification: invalid tag transitions are errors; seqeval strict mode")
 
     # optimisation
     epochs: float = Field(3, gt=0, description="passes over the training data")
