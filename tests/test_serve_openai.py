@@ -231,6 +231,7 @@ def test_peftkit_serve_context_length_limits_the_prompt(server, tmp_path, capsys
     finally:
         stop_server(process, http)
     for extra, message in ((["--context_length", "16"], "--context_length is for --task causal-lm"),
-                           (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens")):
+                           (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens"),
+                           (["--task", "causal-lm", "--max_length", "64"], "limited by --context_length")):
         assert cli.main(["serve", "--base", str(root / "base"), "--adapters", str(tmp_path), *extra]) == 2
         assert message in capsys.readouterr().err

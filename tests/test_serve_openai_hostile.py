@@ -299,3 +299,71 @@ def test_many_concurrent_requests_valid_and_hostile_mixed(server, client):
         else:
             assert result in (400, 404, 422)
     assert server[2].state.engine.active == 0
+
+
+def scrape(url: str) -> dict:
+    """{(sample name, frozenset of labels): value} of GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_requests_tokens_latencies_batches_and_rows(server, client):
+    url, served, app = server
+    engine = app.state.engine
+    before = scrape(url)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert httpx.post(url + T, json={"model": "a", "prompt": "x", "n": 2}).status_code == 400
+    assert httpx.get(url + "/no/such/path").status_code == 404
+    submitted, original = [], engine.submit
+    engine.submit = lambda row: (submitted.append(row), original(row))[1]
+    active = []  # the gauge as a scrape sees it during decode steps
+    engine.on_step = lambda names, prefill: None if prefill else active.append(
+        value(scrape(url), "peftkit_active_rows"))
+    try:
+        with ThreadPoolExecutor(2) as pool, served.lock:
+            # the decoder admits the first request, then waits for the lock: the second one waits in the queue
+            first = pool.submit(client.completions.create, model="a", prompt="red sky", max_tokens=6, temperature=0)
+            deadline = time.time() + 10
+            while not (submitted and not engine.waiting) and time.time() < deadline:
+                time.sleep(0.005)
+            second = pool.submit(lambda: "".join(c.choices[0].delta.content or "" for c in client.chat.completions
+                                 .create(model="b", messages=MSG, max_tokens=5, temperature=0, stream=True)))
+            while not engine.waiting and time.time() < deadline:
+                time.sleep(0.005)
+            during = scrape(url)
+        first.result(), second.result()
+    finally:
+        engine.submit, engine.on_step = original, None
+    after = scrape(url)
+    assert max(active) == 2
+    assert value(during, "peftkit_waiting_rows") == 1 and value(after, "peftkit_waiting_rows") == 0
+    assert value(after, "peftkit_active_rows") == 0 and value(after, "peftkit_adapters_loaded") == len(served.adapters)
+
+    def grew(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("peftkit_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert grew("peftkit_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert grew("peftkit_requests_total", endpoint="/v1/completions", status="404") == 1
+    assert grew("peftkit_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert grew("peftkit_requests_total", endpoint="other", status="404") == 1
+    assert grew("peftkit_generated_tokens_total", model="a") == 6
+    assert grew("peftkit_generated_tokens_total", model="b") == 5
+    assert grew("peftkit_time_to_first_token_seconds_count") == 2
+    assert grew("peftkit_inter_token_seconds_count") == 5 + 4
+    assert grew("peftkit_time_to_first_token_seconds_sum") > 0
+    # the second request joined the first's batch: decode steps with 2 rows of 2 different adapters
+    assert grew("peftkit_batch_rows_count", phase="prefill") == 2
+    assert grew("peftkit_batch_adapters_count", phase="decode") - grew(
+        "peftkit_batch_adapters_bucket", phase="decode", le="1.0") >= 1
+    assert grew("peftkit_batch_rows_count", phase="decode") - grew(
+        "peftkit_batch_rows_bucket", phase="decode", le="1.0") >= 1
