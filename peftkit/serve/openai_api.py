@@ -274,7 +274,7 @@ def usage(row: Row) -> dict:
 
 def serve_openai(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
                  context_length: int | None = None, threads: int | None = None,
-                 max_request_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_request_bytes: int = 4 * 1024 * 1024, default_max_tokens: int = 256) -> None:
     """``peftkit serve --task causal-lm``: the OpenAI-compatible server on ``base`` with the adapters under
     ``adapters``."""
     import torch
@@ -287,5 +287,5 @@ def serve_openai(base: str, adapters: str, host: str = "127.0.0.1", port: int = 
         print(f"skipped adapter folder {folder!r}: {problem}", flush=True)
     print(f"serving {len(served.adapters)} adapter(s) and the base model (OpenAI-compatible API) on "
           f"http://{host}:{port}/v1", flush=True)
-    app = create_openai_app(served, max_batch_size, max_request_bytes=max_request_bytes)
+    app = create_openai_app(served, max_batch_size, default_max_tokens, max_request_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
