@@ -157,9 +157,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="classification: the features the head sees")
     serve.add_argument("--max_batch_size", type=int, default=32, help="rows per forward pass")
     serve.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request may wait for others")
-    serve.add_argument("--max_length", type=int, default=128, help="classification: tokens per text")
+    serve.add_argument("--max_length", type=int, default=None,
+                       help="classification: tokens per text (default 128); causal-lm: refused, see --context_length")
     serve.add_argument("--context_length", type=int, default=None,
                        help="causal-lm: tokens of prompt and answer together (default and maximum: the model's own)")
+    serve.add_argument("--default_max_tokens", type=int, default=None,
+                       help="causal-lm: answer length when a request sends no max_tokens (default 256; any answer "
+                            "is capped by the context)")
     serve.add_argument("--threads", type=int, default=None)
     serve.add_argument("--max_request_bytes", type=int, default=4 * 1024 * 1024,
                        help="largest request body accepted (larger: HTTP 413)")
@@ -283,12 +287,18 @@ def _serve(args, rest) -> int:
 
     if args.context_length is not None and args.task != "causal-lm":
         raise UsageError(f"--context_length is for --task causal-lm; task {args.task} limits each text with --max_length")
+    if args.task == "causal-lm" and args.max_length is not None:  # was silently ignored
+        raise UsageError("--max_length limits each text of a classification server; for --task causal-lm the prompt "
+                         "and the answer together are limited by --context_length")
+    if args.default_max_tokens is not None and (args.task != "causal-lm" or args.default_max_tokens < 1):
+        raise UsageError("--default_max_tokens is for --task causal-lm and must be at least 1 "
+                         f"(got {args.default_max_tokens} with task {args.task})")
     if args.context_length is not None and args.context_length < 2:
         raise UsageError(f"--context_length must be at least 2 tokens (got {args.context_length})")
     try:
         serve(args.base, args.adapters, args.host, args.port, {"pooling": args.pooling}, args.max_batch_size,
-              args.max_wait_ms, args.max_length, args.threads, args.max_request_bytes, task=args.task,
-              context_length=args.context_length)
+              args.max_wait_ms, 128 if args.max_length is None else args.max_length, args.threads, args.max_request_bytes, task=args.task,
+              context_length=args.context_length, default_max_tokens=args.default_max_tokens or 256)
     except BadAdapterRequest as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -220,7 +220,7 @@ def test_peftkit_serve_context_length_limits_the_prompt(server, tmp_path, capsys
     _, _, _, root = server
     (tmp_path / "adapters").mkdir()
     process, http = start_server(root / "base", tmp_path / "adapters", tmp_path / "log.txt", "--task", "causal-lm",
-                                 "--context_length", "16")
+                                 "--context_length", "16", "--default_max_tokens", "4")
     try:
         client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as err:
@@ -228,9 +228,43 @@ def test_peftkit_serve_context_length_limits_the_prompt(server, tmp_path, capsys
         assert "context is 16 tokens" in err.value.body["message"]  # not the model's own CONTEXT
         answer = client.completions.create(model="base", prompt="cat " * 10, max_tokens=50, temperature=0)
         assert answer.usage.completion_tokens == 6 and answer.choices[0].finish_reason == "length"  # 10 + 6 = 16
+        assert client.completions.create(model="base", prompt="cat", temperature=0).usage.completion_tokens == 4
+        assert {m.model_dump()["default_max_tokens"] for m in client.models.list().data} == {4}
     finally:
         stop_server(process, http)
     for extra, message in ((["--context_length", "16"], "--context_length is for --task causal-lm"),
-                           (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens")):
+                           (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens"),
+                           (["--task", "causal-lm", "--max_length", "64"], "limited by --context_length"),
+                           (["--default_max_tokens", "5"], "--default_max_tokens is for --task causal-lm"),
+                           (["--task", "causal-lm", "--default_max_tokens", "0"], "at least 1")):
         assert cli.main(["serve", "--base", str(root / "base"), "--adapters", str(tmp_path), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_models_state_the_limits_and_usage_counts_the_tokens_generated_up_to_a_stop(server, client):
+    _, served, _, _ = server
+    models = httpx.get(server[0] + "/v1/models").json()["data"]
+    assert {(m["context_length"], m["default_max_tokens"]) for m in models} == {(CONTEXT, 256)}
+    tokenizer = tiny_tokenizer()
+    chat_prompt = tokenizer(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)["input_ids"]
+    for kind, prompt in (("chat", chat_prompt), ("text", tokenizer("one two three")["input_ids"])):
+        tokens = greedy_alone(served, "c", prompt, 12)
+        words = tokenizer.decode(tokens, skip_special_tokens=True).split()
+        stop = words[5]
+        # the answer ends at the first token whose text holds the stop string; usage counts every token generated
+        used = next(k for k in range(1, 13) if stop in tokenizer.decode(tokens[:k], skip_special_tokens=True))
+        if kind == "chat":
+            answer = client.chat.completions.create(model="c", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                    stop=stop)
+            got = answer.choices[0].message.content
+        else:
+            answer = client.completions.create(model="c", prompt="one two three", max_tokens=12, temperature=0,
+                                               stop=[stop, "zzz"])
+            got = answer.choices[0].text
+        whole = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert got == whole[:whole.index(stop)] and answer.choices[0].finish_reason == "stop"
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), used)
+        assert answer.usage.total_tokens == len(prompt) + used
+    default = client.completions.create(model="c", prompt="one", temperature=0)  # no max_tokens: the default,
+    assert default.usage.completion_tokens == CONTEXT - 1  # capped by what the context leaves

@@ -193,10 +193,11 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
 def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, options: dict | None = None,
           max_batch_size: int = 32, max_wait_ms: float = 5.0, max_length: int = 128, threads: int | None = None,
           max_request_bytes: int = Limits().max_request_bytes, task: str = "classification",
-          context_length: int | None = None) -> None:
+          context_length: int | None = None, default_max_tokens: int = 256) -> None:
     """``options``: the task's base-model settings (classification: ``{"pooling": ...}``). ``task="causal-lm"``
     starts the OpenAI-compatible generation server instead (``openai_api.py``; its context is ``context_length``,
-    at most the model's own, not ``max_length``)."""
+    at most the model's own, not ``max_length``; ``default_max_tokens``: the answer length of a request without
+    ``max_tokens``)."""
     import torch
     import uvicorn
 
@@ -204,7 +205,8 @@ def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, o
         from .openai_api import serve_openai
 
         return serve_openai(base, adapters, host, port, max_batch_size, context_length=context_length,
-                            threads=threads, max_request_bytes=max_request_bytes)
+                            threads=threads, max_request_bytes=max_request_bytes,
+                            default_max_tokens=default_max_tokens)
 
     from ..ops.memory import keep_freed_memory
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,7 +43,7 @@ class Sampling:
 @dataclass(eq=False)  # rows are compared by identity
 class Row:
     """One request in the engine. ``sink(event)`` is called from the worker thread with
-    ("delta", text), then once ("done", finish_reason) or ("error", message)."""
+    ("delta", text), then once ("done", finish_reason) or ("error", message, http_status)."""
 
     adapter: str
     prompt: list[int]
@@ -54,6 +55,8 @@ class Row:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.perf_counter)  # (for time to first token)
+    last_token: float | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -73,6 +76,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         #: called after every forward with the adapter of each row and whether it was a prefill (metrics, tests)
         self.on_step: Callable[[list[str], bool], None] | None = None
+        #: the server's metrics (``openai_metrics.GenerationMetrics``): every forward and every new token
+        self.observer = None
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []
         self.cache = None
@@ -130,7 +135,7 @@ class Engine:
                 log.exception("generation step failed")
                 for row in newcomers or self.rows:
                     row.finish_reason = "error"
-                    row.sink(("error", f"generation failed ({type(err).__name__}); the server log has the details"))
+                    row.sink(("error", f"generation failed ({type(err).__name__}); the server log has the details", 500))
                 self._keep([r for r in self.rows if r.finish_reason is None])
 
     def _admit(self) -> list[Row]:
@@ -145,7 +150,7 @@ class Engine:
                 continue
             if row.adapter != BASE and row.adapter not in self.model.adapters:
                 self.waiting.popleft()
-                row.sink(("error", f"adapter {row.adapter!r} was unloaded"))
+                row.sink(("error", f"the model {row.adapter!r} was unloaded", 404))
                 continue
             if names and not self._mixable(names + [row.adapter]):
                 break  # it waits for the batch to drain; nothing overtakes it
@@ -164,7 +169,7 @@ class Engine:
         for row in self.rows:
             if row.adapter != BASE and row.adapter not in self.model.adapters:
                 row.finish_reason = "error"
-                row.sink(("error", f"adapter {row.adapter!r} was unloaded while it generated"))
+                row.sink(("error", f"the model {row.adapter!r} was unloaded while it generated", 404))
         self._keep([r for r in self.rows if r.finish_reason is None and not r.cancelled])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, names: list[str],
@@ -175,6 +180,8 @@ class Engine:
         device = next(self.model.parameters()).device
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          cache=cache, use_cache=True, logits_to_keep=1, adapter_names=names)
+        if self.observer is not None:
+            self.observer.step(names, prefill, len(self.waiting))
         if self.on_step is not None:
             self.on_step(names, prefill)
         return out.logits[:, -1].float().cpu(), cache  # (the cache is filled in place)
@@ -208,6 +215,10 @@ class Engine:
                 continue
             token = pick(row_logits, row.sampling, row.generator)
             row.tokens.append(token)
+            now = time.perf_counter()
+            if self.observer is not None:
+                self.observer.token(row.adapter, now - (row.last_token or row.submitted), first=row.last_token is None)
+            row.last_token = now
             self._emit(row, token)
         self._keep([r for r in self.rows if r.finish_reason is None and not r.cancelled])
 

@@ -6,10 +6,13 @@ works against it unchanged). ``model`` in a request is an adapter's name or ``ba
     GET    /v1/models            base and every adapter
     GET    /v1/adapters          POST /v1/adapters {"name", "path"}   DELETE /v1/adapters/{name}   (hot load/unload)
     GET    /health
+    GET    /metrics              Prometheus text format (``openai_metrics.py``)
 
-Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: an unknown model 404, a
-prompt longer than the context 400, a malformed body 422. Every request is one row of the engine's running batch
-(``engine.py``); a client that disconnects frees its row.
+Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, never a 500 for a bad request:
+an unknown model 404; a prompt longer than the context, an unsupported field (``n > 1``, ``logprobs``, ``tools``,
+...: ``openai_schema.UNSUPPORTED``) or several prompts in one request 400; a malformed body (not JSON, wrong types,
+values out of range, lone surrogates) 422; a body over ``max_request_bytes`` 413. Every request is one row of the
+engine's running batch (``engine.py``); a client that disconnects, streaming or not, frees its row.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..mixing import BASE
 from .common import BodyLimit, LoadRequest
 from .engine import Engine, Row, Sampling
 from .generation import ServedLM
+from .openai_metrics import GenerationMetrics
 from .model import AdapterConflict, AdapterNotFound, BadAdapterRequest
 from .openai_schema import ChatRequest, CompletionRequest, Generation, error_body
 
@@ -45,17 +49,22 @@ class RequestError(Exception):
 def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_tokens: int = 256,
                       max_request_bytes: int = 4 * 1024 * 1024) -> FastAPI:
     box: dict = {}
+    metrics = GenerationMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         box["engine"] = Engine(served.model, served.tokenizer, served.lock, max_batch_size, served.context_length)
         app.state.engine = box["engine"]
+        metrics.watch(box["engine"], served)
         yield
         box["engine"].close()
 
     app = FastAPI(title="peftkit serve (OpenAI-compatible)", version="1", lifespan=lifespan,
                   description="One causal LM, many adapters; `model` picks the adapter ('base': none).")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(metrics.middleware)
+    app.state.metrics = metrics
+    vocabulary = served.model.base_model.get_input_embeddings().num_embeddings
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
         return JSONResponse(status_code=status, content=error_body(message, status, param))
@@ -69,7 +78,10 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 413:
-            return error(413, f"the request body is larger than {max_request_bytes} bytes")
+            return error(413, f"the request body is larger than {max_request_bytes} bytes (the server's "
+                              "--max_request_bytes)")
+        if exc.status_code == 400:  # FastAPI could not parse the body (bad UTF-8, a huge number, deep nesting)
+            return error(422, f"invalid request: the body is not valid JSON ({exc.detail})")
         return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestError)
@@ -84,15 +96,21 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
     def context() -> int:
         return box["engine"].context_length
 
-    def prepare(body: Generation, prompt: list[int]) -> Sampling:
+    def check(body: Generation) -> None:
+        """What a request asks for that this server cannot give: before any tokenizing."""
         if body.model != BASE and body.model not in served.adapters:
             served_names = ", ".join([BASE, *sorted(served.adapters)])
             raise RequestError(404, f"the model {body.model!r} does not exist; this server has: {served_names}", "model")
+        refused = body.unsupported()
+        if refused is not None:
+            raise RequestError(400, refused[1], refused[0])
+
+    def prepare(body: Generation, prompt: list[int], param: str) -> Sampling:
         if not prompt:
-            raise RequestError(400, "the prompt is empty", "prompt")
+            raise RequestError(400, "the prompt is empty (no tokens)", param)
         if len(prompt) >= context():
             raise RequestError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context()} tokens "
-                                    "(prompt and answer together): shorten the prompt", "messages")
+                                    "(prompt and answer together): shorten the prompt", param)
         wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
         return Sampling(max_tokens=min(wanted, context() - len(prompt)), temperature=body.temperature,
                         top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()))
@@ -108,8 +126,21 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
             raise RequestError(400, f"the chat template refused these messages: {err}", "messages") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def start(body: Generation, prompt: list[int]) -> tuple[Row, asyncio.Queue]:
-        sampling = prepare(body, prompt)
+    def completion_prompt(body: CompletionRequest) -> list[int]:
+        try:
+            prompt = body.one_prompt()
+        except ValueError as err:
+            raise RequestError(400, str(err), "prompt") from None
+        if isinstance(prompt, str):
+            return served.tokenizer(prompt)["input_ids"]
+        wrong = next((t for t in prompt if not 0 <= t < vocabulary), None)
+        if wrong is not None:
+            raise RequestError(400, f"token id {wrong} is outside the model's vocabulary (0 to {vocabulary - 1})",
+                               "prompt")
+        return list(prompt)
+
+    def start(body: Generation, prompt: list[int], param: str) -> tuple[Row, asyncio.Queue]:
+        sampling = prepare(body, prompt, param)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(event: tuple) -> None:  # called from the engine's thread
@@ -120,19 +151,24 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
 
         return box["engine"].submit(Row(body.model, prompt, sampling, sink)), events
 
-    async def answer(body: Generation, prompt: list[int], kind: str):
-        row, events = start(body, prompt)
+    async def answer(request: Request, body: Generation, prompt: list[int], kind: str):
+        row, events = start(body, prompt, "messages" if kind == "chat" else "prompt")
         ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return StreamingResponse(stream(row, events, body, ident, created, kind), media_type="text/event-stream")
         text = []
         try:
             while True:
-                event = await events.get()
+                try:  # wake up now and then to notice a client that went away
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; the row is freed below
+                    continue
                 if event[0] == "delta":
                     text.append(event[1])
                 elif event[0] == "error":
-                    raise RequestError(404 if "unloaded" in event[1] else 500, event[1])
+                    raise RequestError(event[2], event[1], "model" if event[2] == 404 else None)
                 else:
                     break
         finally:
@@ -162,8 +198,8 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
                 event = await events.get()
                 if event[0] == "delta":
                     yield chunk(event[1])
-                elif event[0] == "error":
-                    yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
+                elif event[0] == "error":  # the status line is sent: the error comes as an event
+                    yield f"data: {json.dumps(error_body(event[1], event[2], 'model' if event[2] == 404 else None))}\n\n"
                     break
                 else:
                     yield chunk(None, finish=row.finish_reason)
@@ -177,18 +213,29 @@ def create_openai_app(served: ServedLM, max_batch_size: int = 16, default_max_to
             row.cancel()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await answer(body, chat_prompt(body), "chat")
+    async def chat_completions(request: Request, body: ChatRequest):
+        check(body)
+        return await answer(request, body, chat_prompt(body), "chat")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await answer(body, served.tokenizer(body.prompt)["input_ids"], "text")
+    async def completions(request: Request, body: CompletionRequest):
+        check(body)
+        return await answer(request, body, completion_prompt(body), "text")
 
     @app.get("/v1/models")
     async def models():
+        """Every model with this server's limits: ``context_length`` (prompt and answer together) and
+        ``default_max_tokens`` (the answer's length when a request sends no ``max_tokens``; any ``max_tokens`` is
+        capped at what the context leaves)."""
         created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "peftkit"}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "peftkit",
+                                            "context_length": context(), "default_max_tokens": default_max_tokens}
                                            for name in [BASE, *served.adapters]]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        content, media_type = metrics.render()
+        return Response(content, media_type=media_type)
 
     @app.get("/v1/adapters")
     async def list_adapters():
@@ -227,7 +274,7 @@ def usage(row: Row) -> dict:
 
 def serve_openai(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
                  context_length: int | None = None, threads: int | None = None,
-                 max_request_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_request_bytes: int = 4 * 1024 * 1024, default_max_tokens: int = 256) -> None:
     """``peftkit serve --task causal-lm``: the OpenAI-compatible server on ``base`` with the adapters under
     ``adapters``."""
     import torch
@@ -240,5 +287,5 @@ def serve_openai(base: str, adapters: str, host: str = "127.0.0.1", port: int = 
         print(f"skipped adapter folder {folder!r}: {problem}", flush=True)
     print(f"serving {len(served.adapters)} adapter(s) and the base model (OpenAI-compatible API) on "
           f"http://{host}:{port}/v1", flush=True)
-    app = create_openai_app(served, max_batch_size, max_request_bytes=max_request_bytes)
+    app = create_openai_app(served, max_batch_size, default_max_tokens, max_request_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")
