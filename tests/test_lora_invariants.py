@@ -140,6 +140,36 @@ def test_golden_values_against_the_formula():
     torch.testing.assert_close(layer.delta_weight("default"), 3.0 * B @ A)
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "conv1d"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
+def test_decoding_path_equals_the_formula(kind, shape, monkeypatch):
+    """Few tokens without gradients (decoding) take the thin inference path; it computes the same formula, and
+    dropout still applies in training mode."""
+    from transformers.pytorch_utils import Conv1D
+
+    from peftkit.layers.lora.linear import LoraLinear
+
+    torch.manual_seed(5)
+    base = Conv1D(48, 64) if kind == "conv1d" else torch.nn.Linear(64, 48, bias=kind == "linear")
+    model = peftkit.adapt(torch.nn.Sequential(copy.deepcopy(base)),
+                          peftkit.LoraConfig(r=4, alpha=12, dropout=0.3, target_modules=["0"]))
+    randomize(model)
+    layer = model.base_model[0]
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    x = torch.randn(*shape, 64)
+    expected = base(x) + 3.0 * (x @ A.T @ B.T)
+    used = []
+    thin = LoraLinear._thin_inference
+    monkeypatch.setattr(LoraLinear, "_thin_inference", lambda self, *a: used.append(1) or thin(self, *a))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert used, "the decoding path was not taken"
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(x))  # training mode: the adapter's dropout is applied
+
+
 def test_dropout_only_on_the_adapter_branch():
     torch.manual_seed(0)
     model = peftkit.adapt(torch.nn.Sequential(torch.nn.Linear(8, 8)), peftkit.LoraConfig(r=2, dropout=0.5, target_modules=["0"]))

@@ -8,6 +8,7 @@ Mixed batches (a different adapter per row) are applied by ``mixed.py``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...functional import lora_delta_weight
@@ -99,9 +100,9 @@ class LoraLinear(LoraLayer):
         self.merged_adapters = []
 
     # ------------------------------------------------------------------------------------------ forward
-    def fused_adapter(self, x: torch.Tensor) -> str | None:
+    def fused_adapter(self, x: torch.Tensor, active: tuple[str, ...] | None = None) -> str | None:
         """The adapter to run through the fused kernels, or None when the plain formula must be used."""
-        active = self._unmerged_active()
+        active = self._unmerged_active() if active is None else active
         if len(active) != 1 or not self.variants[active[0]].fusable or not self.is_plain_base() \
                 or self.base_layer.weight.requires_grad:
             return None
@@ -113,8 +114,13 @@ class LoraLinear(LoraLayer):
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        name = self.fused_adapter(x)
-        if name is None or (not self._needs_grad(name, x) and self._thin_is_cheaper(x)):
+        name = self.fused_adapter(x, active)
+        if name is None:
+            return self._plain_forward(x, active, *args, **kwargs)
+        if not self._needs_grad(name, x) and self._thin_is_cheaper(x):
+            if not args and not kwargs and (not self.training or not self.lora_dropout[name]) \
+                    and x.dtype == self.lora_A[name].weight.dtype == self.base_layer.weight.dtype:
+                return self._thin_inference(name, x)
             return self._plain_forward(x, active, *args, **kwargs)
         # one compute dtype for everything: autocast's if it is on, else the input's; fp32 master weights of
         # the adapter receive their gradients through the casts
@@ -137,6 +143,19 @@ class LoraLinear(LoraLayer):
             keep, scale = dropout_keep(x, p)
             h = lora_down(x, keep, scale, A)
         return base_up(x, weight, bias, h, B, A, keep, scaling, scale, self.weight_is_in_out)
+
+    def _thin_inference(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Few tokens, no gradients, no dropout (decoding): W x + b, then s·B (A x) accumulated into it in place —
+        three kernels and no module calls, as little per-layer overhead as the formula allows."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.weight_is_in_out:
+            out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+        else:
+            out = F.linear(x2, weight, bias)
+        h = F.linear(x2, self.lora_A[name].weight)
+        out.addmm_(h, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _needs_grad(self, name: str, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
