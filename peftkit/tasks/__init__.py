@@ -42,6 +42,7 @@ class Datasets:
     train: list
     dev: list
     test: list = field(default_factory=list)
+    calibration: list = field(default_factory=list)  # rows a task calibrates on at the end (classification: ood_dev_file)
 
 
 @dataclass
@@ -157,6 +158,12 @@ class Task:
         """Metrics of a split, including ``loss``, plus ``report_text`` (printed)."""
         raise NotImplementedError
 
+    def calibrate(self, logits_of, datasets: Datasets, config) -> dict:
+        """Settings fitted on held-out rows with the best model, before the final evaluation (classification: the
+        out-of-scope threshold, kept in the vocabulary, which the trainer then writes again); ``logits_of(rows)``
+        gives the model's logits. Returns what report.json records about it ({}: nothing to do)."""
+        return {}
+
     def final_evaluation(self, model: nn.Module, tokenizer, datasets: Datasets, config, say) -> dict:
         """Extra entries of report.json computed once at the end with the best model (causal-lm: generation on dev
         prompts, base vs adapted); ``say`` prints."""
@@ -178,6 +185,10 @@ class Task:
         return {}
 
     # -- prediction output -------------------------------------------------------------------------------
+    def prediction_outputs(self, logits: torch.Tensor, vocabulary) -> Any:
+        """What ``prediction_rows`` is made of (classification with an out-of-scope rule: the score too)."""
+        return self.outputs(logits)
+
     def prediction_rows(self, examples: Sequence, outputs, vocabulary) -> list[dict]:
         """The rows ``peftkit predict`` prints (JSON lines) or writes."""
         raise NotImplementedError

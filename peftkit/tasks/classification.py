@@ -61,6 +61,8 @@ class Classification(Task):
         labels = D.LabelMap.from_examples(train)
         if len(labels) < 2:
             raise D.DataError(f"{config.train_file}: only one label ({labels.names[0]!r}); a classifier needs two or more")
+        if config.ood is not None:
+            labels.ood = _ood_rule(config, labels)
         if config.dev_file:
             dev = self.read(config.dev_file, config)
             labels.ids(dev, config.dev_file)
@@ -70,7 +72,8 @@ class Classification(Task):
         if config.test_file:
             test = self.read(config.test_file, config)
             labels.ids(test, config.test_file)
-        return Datasets(labels, train, dev, test)
+        calibration = _calibration_rows(self, config, labels, dev)
+        return Datasets(labels, train, dev, test, calibration)
 
     def inputs(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[D.Example]:
         return [D.Example(t, pairs[i] if pairs else None, None, i + 1) for i, t in enumerate(texts)]
@@ -85,6 +88,8 @@ class Classification(Task):
         return D.LabelMap.from_dict(data)
 
     def names(self, vocabulary: D.LabelMap) -> list[str]:
+        if vocabulary.ood is not None:  # the server keeps only the names: they carry the rule to its answers
+            return _RuledNames(vocabulary.names, vocabulary.ood)
         return vocabulary.names
 
     def targets(self, examples: Sequence[D.Example], vocabulary: D.LabelMap, source: str) -> list[int]:
@@ -107,14 +112,41 @@ class Classification(Task):
     def metrics(self, logits: torch.Tensor, targets: Sequence[int], vocabulary: D.LabelMap) -> dict:
         from .classification_metrics import scores
 
-        targets = list(targets)
+        targets, ood_result = list(targets), None
+        if vocabulary.ood is not None:  # the closed-set figures are those of the in-scope rows
+            from . import ood
+
+            ood_result = ood.metrics(logits, targets, vocabulary.ood)
+            inside = [i for i, t in enumerate(targets) if t != ood.OUT_OF_SCOPE]
+            logits, targets = logits[inside], [targets[i] for i in inside]
         loss = float(nn.functional.cross_entropy(logits.float(), torch.tensor(targets))) if targets else float("nan")
         result = scores(targets, logits.argmax(-1).tolist(), vocabulary.names)
         result["loss"] = loss
+        if ood_result is not None:
+            from .ood import summary
+
+            result["ood"] = ood_result
+            result["report_text"] += f"\n   out of scope ({vocabulary.ood.method}): {summary(ood_result)}"
         return result
 
     def summary(self, result: dict) -> str:
-        return f"accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}"
+        line = f"accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}"
+        if "ood" in result:
+            from .ood import summary
+
+            line += "   " + summary(result["ood"])
+        return line
+
+    def calibrate(self, logits_of, datasets: Datasets, config) -> dict:
+        if config.ood is None:
+            return {}
+        from . import ood
+
+        rows = datasets.calibration or datasets.dev
+        targets = torch.tensor(datasets.vocabulary.ids(rows, "calibration"), dtype=torch.long)
+        logits = logits_of(rows) if rows else torch.empty(0, len(datasets.vocabulary))
+        result = ood.calibrate(datasets.vocabulary.ood, logits, targets != ood.OUT_OF_SCOPE, config.ood.target())
+        return {"file": config.ood_dev_file or "dev", **result}
 
     def plots(self, report: dict, vocabulary: D.LabelMap, directory: Path) -> None:
         from .classification_metrics import plot_confusion
@@ -133,17 +165,31 @@ class Classification(Task):
             if split in report:
                 out[f"{split} accuracy"] = round(report[split]["accuracy"], 4)
                 out[f"{split} macro-F1"] = round(report[split]["macro_f1"], 4)
+                if "ood" in report[split]:
+                    from .ood import summary
+
+                    out[f"{split} OOD"] = summary(report[split]["ood"])
         return out
 
     # -- prediction output -------------------------------------------------------------------------------
+    def prediction_outputs(self, logits: torch.Tensor, vocabulary: D.LabelMap) -> torch.Tensor:
+        """Probabilities; with an out-of-scope rule, the row's score as one more column."""
+        return _with_score(logits, vocabulary.ood, len(vocabulary))
+
     def prediction_rows(self, examples: Sequence[D.Example], outputs: torch.Tensor, vocabulary: D.LabelMap) -> list[dict]:
         names, pairs = vocabulary.names, examples and examples[0].text_pair is not None
         rows = []
         for i, example in enumerate(examples):
-            best = int(outputs[i].argmax())
+            probs = outputs[i, :len(names)]
+            best = int(probs.argmax())
             rows.append({"text": example.text, **({"text_pair": example.text_pair} if pairs else {}),
-                         "label": names[best], "probability": round(float(outputs[i, best]), 6),
-                         "probabilities": {name: round(float(p), 6) for name, p in zip(names, outputs[i])}})
+                         "label": names[best], "probability": round(float(probs[best]), 6),
+                         "probabilities": {name: round(float(p), 6) for name, p in zip(names, probs)}})
+            if vocabulary.ood is not None:
+                score = float(outputs[i, len(names)])
+                if bool(vocabulary.ood.rejected(torch.tensor([score]))):
+                    rows[-1]["label"] = vocabulary.ood.label
+                rows[-1]["ood_score"] = round(score, 6)
         return rows
 
     def write_predictions(self, path: Path, rows: list[dict], vocabulary: D.LabelMap) -> None:
@@ -158,7 +204,7 @@ class Classification(Task):
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                     return
                 fields = [k for k in ("text", "text_pair") if k in rows[0]] + ["label", "probability"] + \
-                    [f"p_{n}" for n in names]
+                    [k for k in ("ood_score",) if k in rows[0]] + [f"p_{n}" for n in names]
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
                 for row in rows:
@@ -173,12 +219,14 @@ class Classification(Task):
                      tokenizer) -> dict:
         from . import classification_merge as M
 
-        return M.write(folder, plain, vocabulary.names, config, run_path, tokenizer)
+        marker = M.write(folder, plain, vocabulary.names, config, run_path, tokenizer)
+        return {**marker, "ood": vocabulary.ood.to_dict()} if vocabulary.ood is not None else marker
 
     def open_merged(self, folder: Path, marker: dict) -> tuple[dict, D.LabelMap]:
         from . import classification_merge as M
 
-        return M.open_folder(marker)
+        values, labels = M.open_folder(marker)
+        return values, D.LabelMap.from_dict({"labels": labels.names, "ood": marker.get("ood")})
 
     def merged_model(self, folder: Path, config, vocabulary: D.LabelMap) -> nn.Module:
         from . import classification_merge as M
@@ -205,16 +253,24 @@ class Classification(Task):
                 f"but the request sends {sent}: send {wanted}")
 
     def row_output(self, logits: torch.Tensor, names: list[str]) -> torch.Tensor:
-        return torch.softmax(logits[:len(names)].float(), -1)  # the shared head may be wider than this adapter's
+        # the shared head may be wider than this adapter's; an adapter with an ood rule gets its score appended
+        return _with_score(logits, getattr(names, "ood", None), len(names))
 
     def response(self, adapter: str, outputs: list[torch.Tensor], names: list[str]):
-        from .classification_serve import ClassifyResponse, Prediction
+        from .classification_serve import ClassifyResponse, OodPrediction, Prediction
 
-        predictions = []
-        for probs in outputs:  # full float32 precision: answers equal `peftkit predict` bit for bit
+        rule, predictions = getattr(names, "ood", None), []
+        for output in outputs:  # full float32 precision: answers equal `peftkit predict` bit for bit
+            probs = output[:len(names)]
             best = int(probs.argmax())
-            predictions.append(Prediction(label=names[best], probability=float(probs[best]),
-                                          probabilities={name: float(p) for name, p in zip(names, probs)}))
+            fields = {"label": names[best], "probability": float(probs[best]),
+                      "probabilities": {name: float(p) for name, p in zip(names, probs)}}
+            if rule is None:
+                predictions.append(Prediction(**fields))
+                continue
+            score = output[len(names):len(names) + 1]
+            fields["label"] = rule.label if bool(rule.rejected(score)) else fields["label"]
+            predictions.append(OodPrediction(**fields, ood_score=float(score), threshold=rule.threshold))
         return ClassifyResponse(adapter=adapter, predictions=predictions)
 
     def adapter_settings(self, stored_config: dict | None) -> dict:
@@ -226,6 +282,45 @@ class Classification(Task):
 
     def adapter_public(self, settings: dict) -> dict:
         return {"input": {True: "pairs", False: "texts", None: "texts or pairs"}[settings.get("pairs")]}
+
+
+class _RuledNames(list):
+    """Label names that carry their run's out-of-scope rule (still a plain list to JSON and to callers)."""
+
+    def __init__(self, names: Sequence[str], ood) -> None:
+        super().__init__(names)
+        self.ood = ood
+
+
+def _with_score(logits: torch.Tensor, rule, width: int) -> torch.Tensor:
+    """Probabilities over the first ``width`` logits of each row, plus the rule's score as a last column (if any)."""
+    probs = torch.softmax(logits[..., :width].float(), -1)
+    if rule is None:
+        return probs
+    return torch.cat([probs, rule.scores(logits[..., :width])[..., None]], -1)
+
+
+def _ood_rule(config, labels: D.LabelMap):
+    from .ood import OodRule
+
+    if config.ood.label in labels.index:
+        raise D.DataError(f"{config.train_file}: rows labelled {config.ood.label!r}, the out-of-scope label (ood.label); "
+                          "the classifier learns in-scope intents only: drop those rows from train, or set ood.label")
+    return OodRule.from_config(config.ood)
+
+
+def _calibration_rows(task: "Classification", config, labels: D.LabelMap, dev: list) -> list:
+    """The ood_dev_file's rows (else none: dev is used), checked to fit the calibration target."""
+    if config.ood is None or config.ood.threshold is not None:
+        return []
+    rows, source = (task.read(config.ood_dev_file, config), config.ood_dev_file) if config.ood_dev_file else (dev, "dev")
+    targets = labels.ids(rows, source)
+    if config.ood.in_scope_precision is not None and -1 not in targets:
+        raise D.DataError(f"{source}: no out-of-scope rows (labelled {config.ood.label!r} or unseen in training) to "
+                          "calibrate ood.in_scope_precision on")
+    if all(t == -1 for t in targets):
+        raise D.DataError(f"{source}: no in-scope rows to calibrate the ood threshold on")
+    return rows if config.ood_dev_file else []
 
 
 def _trained_head_labels(model: nn.Module) -> list[str] | None:

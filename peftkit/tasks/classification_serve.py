@@ -26,6 +26,14 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class OodPrediction(Prediction):
+    """The answer of an adapter whose run rejects out-of-scope inputs (``ood:``): ``label`` is the run's out-of-scope
+    label exactly when ``ood_score`` is below ``threshold``."""
+
+    ood_score: float = Field(description="the run's confidence score (higher = more in scope)")
+    threshold: float | None = Field(description="the run's calibrated threshold")
+
+
 class ClassifyResponse(BaseModel):
     adapter: str
-    predictions: list[Prediction]
+    predictions: list[OodPrediction | Prediction]

@@ -125,9 +125,10 @@ def _check_label_types(path: Path, examples: list[Example], column: str) -> None
 class LabelMap:
     """Label name <-> class index. Integer-like labels sort numerically, others alphabetically."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], ood=None) -> None:
         self.names = [str(n) for n in names]
         self.index = {name: i for i, name in enumerate(self.names)}
+        self.ood = ood  # an ood.OodRule when the run rejects out-of-scope inputs, else None
 
     @classmethod
     def from_examples(cls, examples: Iterable[Example]) -> "LabelMap":
@@ -136,6 +137,10 @@ class LabelMap:
         return cls(sorted(labels, key=(lambda s: int(s)) if numeric else None))
 
     def ids(self, examples: Sequence[Example], source: str) -> list[int]:
+        """Class index of every example. With an out-of-scope rule, a label unseen in training (the rule's own
+        label, or any other) marks an out-of-scope row (-1); without one, it is an error."""
+        if self.ood is not None:
+            return [self.index.get(str(e.label), -1) for e in examples]
         unseen = {}
         for example in examples:
             if str(example.label) not in self.index:
@@ -147,11 +152,16 @@ class LabelMap:
         return [self.index[str(e.label)] for e in examples]
 
     def to_dict(self) -> dict:
-        return {"labels": self.names}
+        return {"labels": self.names, **({"ood": self.ood.to_dict()} if self.ood is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LabelMap":
-        return cls(data["labels"])
+        ood = None
+        if data.get("ood") is not None:
+            from .ood import OodRule
+
+            ood = OodRule.from_dict(data["ood"])
+        return cls(data["labels"], ood)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -63,7 +63,8 @@ class Run(RunFolder):
 
     def predict(self, examples: Sequence) -> list[dict]:
         """The rows ``peftkit predict`` prints or writes."""
-        return self.task.prediction_rows(examples, self.outputs(examples), self.vocabulary)
+        outputs = self.task.prediction_outputs(self.logits(examples), self.vocabulary)
+        return self.task.prediction_rows(examples, outputs, self.vocabulary)
 
     def write_predictions(self, path: Path, rows: list[dict]) -> None:
         self.task.write_predictions(Path(path), rows, self.vocabulary)

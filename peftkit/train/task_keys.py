@@ -9,7 +9,39 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TARGETS = ("coverage", "in_scope_precision", "threshold")
+
+
+class OodSection(BaseModel):
+    """classification: reject inputs outside the training intents (``peftkit.tasks.ood``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    method: Literal["msp", "energy", "maxlogit"] = Field(
+        "msp", description="score: max softmax probability, negative energy T*logsumexp(logits/T), or max logit")
+    coverage: float | None = Field(None, gt=0, le=1, description="calibrate on dev: keep this share of in-scope rows "
+                                   "(the default target, 0.95, when no target is given)")
+    in_scope_precision: float | None = Field(None, gt=0, le=1, description="calibrate on ood_dev_file: this share of "
+                                             "accepted rows is in scope")
+    threshold: float | None = Field(None, description="a fixed threshold instead of a calibrated one")
+    label: str = Field("out_of_scope", min_length=1, description="the label answered for rejected inputs (and read "
+                       "as out of scope in eval files, like any label unseen in training)")
+    temperature: float = Field(1.0, gt=0, description="T of the energy score")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "OodSection":
+        given = [key for key in TARGETS if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one target, not {' and '.join(given)}: coverage (calibrated on dev), "
+                             "in_scope_precision (calibrated on ood_dev_file) or threshold (fixed)")
+        if not given:
+            self.__dict__["coverage"] = 0.95  # (no assignment: it would validate again)
+        return self
+
+    def target(self) -> dict[str, float]:
+        return {key: getattr(self, key) for key in TARGETS if getattr(self, key) is not None}
+
 
 
 class TaskKeys(BaseModel):
@@ -28,3 +60,26 @@ class TaskKeys(BaseModel):
     # token-classification
     tag_scheme: Literal["auto", "IOB2", "BIOES"] = Field("auto", description="token-classification: tags (auto: detected)")
     strict_tags: bool = Field(True, description="token-classification: invalid tag transitions are errors; seqeval strict mode")
+    # classification: out-of-scope rejection
+    ood: OodSection | None = Field(None, description="classification: reject out-of-scope inputs (set any ood.* key, or ood: true)")
+    ood_dev_file: str | None = Field(None, description="classification: calibration file with in-scope and out-of-scope "
+                                     "rows for the ood threshold (default: dev)")
+
+    @field_validator("ood", mode="before")
+    @classmethod
+    def _ood_flag(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _ood_fits(self) -> "TaskKeys":
+        task = getattr(self, "task", "classification")
+        if self.ood is not None and task != "classification":
+            raise ValueError(f"ood: out-of-scope rejection is for task classification, not {task!r}; drop the ood settings")
+        if self.ood_dev_file is not None and self.ood is None:
+            raise ValueError("ood_dev_file: set ood (e.g. ood.in_scope_precision 0.95) to use a calibration file")
+        if self.ood is not None and self.ood.in_scope_precision is not None and self.ood_dev_file is None:
+            raise ValueError("ood.in_scope_precision needs out-of-scope examples to calibrate on: set ood_dev_file to "
+                             f"a file with rows labelled {self.ood.label!r}, or use ood.coverage (in-scope dev rows only)")
+        return self

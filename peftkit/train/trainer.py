@@ -234,6 +234,15 @@ class Trainer:
         self.model.train()
         return logits, self.targets[split]
 
+    def _logits_of(self, examples: list) -> torch.Tensor:
+        """Logits of examples outside the splits (e.g. a calibration file), rows in order."""
+        self.model.eval()
+        features = self.task.encode(self.tokenizer, examples, self.config.max_length)
+        logits = no_grad_forward(self.task, self.model, self.tokenizer, features, self.config.eval_batch_size,
+                                 self._autocast())
+        self.model.train()
+        return logits
+
     def evaluate(self, split: str) -> dict:
         logits, targets = self.predict(split)
         return self.task.metrics(logits, targets, self.datasets.vocabulary)
@@ -273,9 +282,16 @@ class Trainer:
         elif self.env.main and best_dir.exists():
             self._load_best(best_dir)
         report = {}
+        # settings fitted with the best model before it is evaluated (classification: the out-of-scope threshold)
+        calibration = self.task.calibrate(self._logits_of, self.datasets, config) \
+            if self.env.main or self.sharded else {}
         results = {split: self.evaluate(split) for split in ("dev", "test")
                    if getattr(self.datasets, split) and (self.env.main or self.sharded)}
         if self.env.main:
+            if calibration:
+                self.folder.write_vocabulary(self.task, self.datasets.vocabulary)
+                self._say("calibrated: " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                                                     for key, value in calibration.items()))
             report = {"method": config.method, "model": config.model,
                       "labels": self.task.names(self.datasets.vocabulary),
                       "trainable_parameters": counted.trainable, "total_parameters": counted.total,
@@ -284,6 +300,8 @@ class Trainer:
                       "skipped_steps": self.state["skipped_steps"],
                       "metric_for_best_model": config.metric_for_best_model}
             report.update(results)
+            if calibration:
+                report["calibration"] = calibration
             report.update(self.task.final_evaluation(self.model, self.tokenizer, self.datasets, config, self._say))
             self._write_outputs(report)
         dist.barrier(self.env)
