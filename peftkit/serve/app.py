@@ -142,8 +142,8 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
             return error(404, str(failed.args[0]), endpoint)
         if isinstance(failed, BadText):
             return error(422, str(failed), endpoint)
-        log.error("classification failed: %s: %s", type(failed).__name__, failed)
-        return error(500, f"classification failed ({type(failed).__name__}); the server log has the details", endpoint)
+        log.error("%s failed: %s: %s", schema.verb, type(failed).__name__, failed)
+        return error(500, f"{schema.verb} failed ({type(failed).__name__}); the server log has the details", endpoint)
 
     @app.get("/v1/adapters")
     async def list_adapters():

@@ -55,6 +55,7 @@ class AdapterInfo:
     metrics: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # the task's (Task.adapter_settings), e.g. whether it takes pairs
     task: Task | None = None
+    vocabulary: object = None  # the task's vocabulary from the run folder (None: a plain adapter folder)
 
     def public(self) -> dict:
         public = self.task.adapter_public(self.settings) if self.task is not None else {}
@@ -149,7 +150,7 @@ class ServedModel:
 
     def _load(self, name: str, path: str | Path) -> AdapterInfo:
         run, adapter_dir = self._adapter_folder(path)
-        labels, method, share, metrics, stored = None, None, None, {}, None
+        labels, method, share, metrics, stored, vocabulary = None, None, None, {}, None, None
         vocabulary_file = run.vocabulary_file(self.task)
         if run.config_file.is_file() and vocabulary_file.is_file():
             import yaml
@@ -164,7 +165,8 @@ class ServedModel:
                 raise AdapterConflict(problem)
             stored_vocabulary = json.loads(vocabulary_file.read_text(encoding="utf-8"))
             try:
-                labels = self.task.names(self.task.vocabulary_from_dict(stored_vocabulary))
+                vocabulary = self.task.vocabulary_from_dict(stored_vocabulary)
+                labels = self.task.names(vocabulary)
             except DataError as err:
                 raise BadAdapterRequest(f"adapter {name!r}: {vocabulary_file.name} {err}") from None
             method = stored.get("method")
@@ -172,6 +174,10 @@ class ServedModel:
                 report = json.loads(self._confined(run.report_file).read_text(encoding="utf-8"))
                 share = report.get("trainable_share")
                 metrics = self.task.served_metrics(report)
+        try:
+            settings = self.task.adapter_settings(stored)
+        except DataError as err:
+            raise BadAdapterRequest(f"adapter {name!r}: {err}") from None
         with self.lock:
             try:
                 self.model.load_adapter(adapter_dir, name, resize_heads=True, check_base=True)
@@ -188,8 +194,8 @@ class ServedModel:
             self.unload(name)
             raise AdapterConflict(f"adapter {name!r}: {vocabulary_file.name} lists {len(labels)} labels but its head "
                                   f"has {head} outputs")
-        info = AdapterInfo(name, str(run.path), method or record.method.name, labels, share, metrics,
-                           self.task.adapter_settings(stored), self.task)
+        info = AdapterInfo(name, str(run.path), method or record.method.name, labels, share, metrics, settings,
+                           self.task, vocabulary)
         self.adapters[name] = info
         return info
 
@@ -243,10 +249,16 @@ class ServedModel:
             for i in set(features) - set(live):  # unloaded while the request waited
                 out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
             groups = self._forward_rows(live, features, names, out) if live else []
-            vocabularies = {name: self.labels_of(name) for name in {names[i] for i in live}}
+            vocabularies = {name: (self.labels_of(name), getattr(self.adapters.get(name), "vocabulary", None))
+                            for name in {names[i] for i in live}}
         for index, logits in groups:
             for row, i in enumerate(index):
-                out[i] = self.task.row_output(logits[row], vocabularies[names[i]])
+                labels, vocabulary = vocabularies[names[i]]
+                try:
+                    out[i] = self.task.serve_row(logits[row], labels, tuple(rows[i][1:]), vocabulary)
+                except Exception as err:  # only this row's answer failed
+                    log.error("answer failed for one row (adapter %r): %s: %s", names[i], type(err).__name__, err)
+                    out[i] = err
         return out
 
     def _forward_rows(self, index: list[int], features: dict[int, dict], names: list[str],

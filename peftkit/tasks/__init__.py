@@ -219,6 +219,11 @@ class Task:
         """One row's answer from its logits, for an adapter predicting over ``names``."""
         raise NotImplementedError
 
+    def serve_row(self, logits: torch.Tensor, names: list[str], inputs: tuple, vocabulary=None):
+        """One row's answer given its inputs too and the adapter's vocabulary (None: not known); token-classification
+        needs the text for its spans. Default: ``row_output``."""
+        return self.row_output(logits, names)
+
     def response(self, adapter: str, outputs: list, names: list[str]):
         """The response model for a request's rows."""
         raise NotImplementedError
