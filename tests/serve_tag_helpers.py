@@ -42,12 +42,13 @@ def predict_rows(folder: Path, texts: list[str], max_length: int) -> list[dict]:
     return run.predict(run.task.inputs(texts))
 
 
-def same_rows(served: list[dict], predicted: list[dict], tolerance: float = 1e-5) -> None:
-    """Entity spans, words and tags equal; scores (rounded to 6 digits) within ``tolerance``."""
+def same_rows(served: list[dict], predicted: list[dict], tolerance: float = 1e-4) -> None:
+    """Entity spans, words and tags equal; scores (rounded to 6 digits) within ``tolerance`` (a mixed batch of
+    several methods takes the per-row path, a few float32 ulps away from `peftkit predict` per layer)."""
     assert len(served) == len(predicted)
     for got, want in zip(served, predicted):
         assert {k: got[k] for k in ("text", "tokens", "tags")} == {k: want[k] for k in ("text", "tokens", "tags")}
         strip = lambda spans: [{k: v for k, v in s.items() if k != "score"} for s in spans]  # noqa: E731
         assert strip(got["entities"]) == strip(want["entities"])
         for a, b in zip(got["entities"], want["entities"]):
-            assert abs(a["score"] - b["score"]) <= tolerance
+            assert abs(a["score"] - b["score"]) <= tolerance, (a, b)

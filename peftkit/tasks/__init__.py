@@ -224,6 +224,14 @@ class Task:
         needs the text for its spans. Default: ``row_output``."""
         return self.row_output(logits, names)
 
+    def shared_head(self, stored_config: dict, model_path: str) -> str:
+        """``peftkit serve --task auto`` (one encoder body for several tasks): how this run's head reads the body's
+        hidden states (``"token"``: every position; ``"mean"``/``"cls"``: a pooled vector); a ``DataError`` says
+        why it cannot share the body. ``serving_base(model_path, {"pooling": <that>})`` is its own serving model."""
+        from .data import DataError
+
+        raise DataError(f"task {self.name!r} cannot share an encoder body with other tasks")
+
     def response(self, adapter: str, outputs: list, names: list[str]):
         """The response model for a request's rows."""
         raise NotImplementedError

@@ -291,6 +291,9 @@ class TokenClassification(Task):
                             "(the tags, their scheme) is missing; point the server at the run folder")
         return {}
 
+    def shared_head(self, stored_config: dict, model_path: str) -> str:
+        return "token"
+
     def served_metrics(self, report: dict) -> dict:
         return {f"{split}_f1": round(report[split]["f1"], 4) for split in ("dev", "test") if split in report}
 
