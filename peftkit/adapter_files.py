@@ -40,16 +40,18 @@ def save(adapted: "AdaptedModel", path: str | Path, adapter_name: str | None = N
 
 
 def load(adapted: "AdaptedModel", path: str | Path, adapter_name: str, trainable: bool, resize_heads: bool,
-         check_base: bool) -> None:
+         check_base: bool, rename=None, base_fingerprint: str | None = None) -> None:
     check_adapter_name(adapter_name, adapted.adapters)
     directory = io.find_adapter_dir(path, adapter_name)
     source = str(directory)
     values = io.read_config(directory)
     found, metadata = io.read_tensors(directory)
     tensors = io.strip_prefix(found, source)
+    if rename is not None:
+        tensors = {rename(key): value for key, value in tensors.items()}
     recorded = metadata.get("base_fingerprint")
-    if check_base and recorded and adapted.base_fingerprint:
-        mine = adapted.base_fingerprint
+    mine = base_fingerprint or adapted.base_fingerprint
+    if check_base and recorded and mine:
         if not fingerprint.comparable(recorded):
             warnings.warn(f"{source}: its base fingerprint was recorded by an older peftkit and cannot be compared "
                           "with this model's; the base model is not checked", stacklevel=3)

@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--task", default="classification", help="the task of the base model and its adapters")
+    serve.add_argument("--task", default="classification", help="the task of the base model and its adapters; 'auto': classification and token-classification "
+                       "run folders on one encoder (POST /v1/classify and /v1/tag share each forward of the body)")
     serve.add_argument("--pooling", default="auto", choices=["auto", "pooler", "cls", "mean"],
                        help="classification: the features the head sees")
     serve.add_argument("--max_batch_size", type=int, default=32, help="rows per forward pass")

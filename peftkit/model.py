@@ -243,14 +243,17 @@ class AdaptedModel(nn.Module):
         adapter_files.save(self, path, adapter_name)
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", trainable: bool = False,
-                     resize_heads: bool = False, check_base: bool = False) -> None:
+                     resize_heads: bool = False, check_base: bool = False, rename=None,
+                     base_fingerprint: str | None = None) -> None:
         """Add an adapter from a folder (strict: any key or shape difference is an error and nothing stays).
 
         ``resize_heads``: a saved Linear task head with another number of outputs (labels) than the base model's
         head gets its own head of that size, so that one base can serve tasks with different label sets.
         ``check_base``: refuse an adapter whose recorded base-model fingerprint (peftkit files record one) differs
-        from this model's."""
-        adapter_files.load(self, path, adapter_name, trainable, resize_heads, check_base)
+        from this model's. ``rename(key)``: the module path of a file key (without PEFT's prefix) in this model, for
+        a file saved from a model that keeps the same modules under other names (the server's shared encoder);
+        ``base_fingerprint``: the fingerprint ``check_base`` expects instead of this model's."""
+        adapter_files.load(self, path, adapter_name, trainable, resize_heads, check_base, rename, base_fingerprint)
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Undo a partial injection: drop the adapter from every layer and unwrap layers left empty."""

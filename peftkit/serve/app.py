@@ -98,52 +98,8 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
         log.exception("unexpected error on %s", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details", request.url.path)
 
-    task, schema = served.task, served.task.serve_schema()
-
-    async def infer(body):
-        started = time.perf_counter()
-        endpoint = schema.route
-        items = task.request_rows(body)
-        if not items:
-            return error(422, f"nothing to {schema.verb}: the list is empty", endpoint)
-        if len(items) > limits.max_texts:
-            return error(413, f"{len(items)} texts in one request; the limit is {limits.max_texts}", endpoint)
-        for i, item in enumerate(items):
-            for text in (t for t in item if isinstance(t, str)):
-                if len(text) > limits.max_chars:
-                    return error(413, f"text {i} has {len(text)} characters; the limit is {limits.max_chars}", endpoint)
-                if not text.strip():
-                    return error(422, f"text {i} is empty", endpoint)
-        try:
-            labels = served.labels_of(body.adapter)
-        except AdapterNotFound as err:
-            return error(404, str(err.args[0]), endpoint)
-        except BadAdapterRequest as err:
-            return error(400, str(err), endpoint)
-        problem = task.request_problem(body, served.settings_of(body.adapter))
-        if problem:
-            return error(422, problem, endpoint)
-        rows = [(body.adapter, *item) for item in items]
-        outputs = await batcher_box["batcher"].submit(rows)
-        failed = next((p for p in outputs if isinstance(p, Exception)), None)
-        if failed is not None:
-            return _row_error(failed, endpoint)
-        answer = task.response(body.adapter, outputs, labels)
-        metrics.classified.labels(body.adapter).inc(len(rows))
-        metrics.requests.labels(endpoint, "200").inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return answer
-
-    infer.__annotations__["body"] = schema.request  # the task's request model: validated, and in the OpenAPI schema
-    app.post(schema.route, response_model=schema.response)(infer)
-
-    def _row_error(failed: Exception, endpoint: str) -> JSONResponse:
-        if isinstance(failed, AdapterNotFound):  # the adapter was unloaded while the request waited
-            return error(404, str(failed.args[0]), endpoint)
-        if isinstance(failed, BadText):
-            return error(422, str(failed), endpoint)
-        log.error("classification failed: %s: %s", type(failed).__name__, failed)
-        return error(500, f"classification failed ({type(failed).__name__}); the server log has the details", endpoint)
+    for task in served.tasks:  # one route per task (--task auto: /v1/classify and /v1/tag)
+        _route(app, served, task, task.serve_schema(), limits, metrics, batcher_box, error)
 
     @app.get("/v1/adapters")
     async def list_adapters():
@@ -188,6 +144,60 @@ def create_app(served: ServedModel, max_batch_size: int = 32, max_wait_ms: float
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _route(app: FastAPI, served: ServedModel, task, schema, limits: Limits, metrics: Metrics, batcher_box: dict,
+           error) -> None:
+    """``POST schema.route``: the task's requests, batched with every other request (of any task) by the batcher."""
+
+    async def infer(body):
+        started = time.perf_counter()
+        endpoint = schema.route
+        items = task.request_rows(body)
+        if not items:
+            return error(422, f"nothing to {schema.verb}: the list is empty", endpoint)
+        if len(items) > limits.max_texts:
+            return error(413, f"{len(items)} texts in one request; the limit is {limits.max_texts}", endpoint)
+        for i, item in enumerate(items):
+            for text in (t for t in item if isinstance(t, str)):
+                if len(text) > limits.max_chars:
+                    return error(413, f"text {i} has {len(text)} characters; the limit is {limits.max_chars}", endpoint)
+                if not text.strip():
+                    return error(422, f"text {i} is empty", endpoint)
+        try:
+            labels = served.labels_of(body.adapter)
+        except AdapterNotFound as err:
+            return error(404, str(err.args[0]), endpoint)
+        except BadAdapterRequest as err:
+            return error(400, str(err), endpoint)
+        if served.task_of(body.adapter) is not task:  # --task auto: a run of another task
+            other = served.task_of(body.adapter)
+            return error(422, f"adapter {body.adapter!r} is a {other.name} adapter: send its texts to "
+                              f"{other.serve_schema().route}", endpoint)
+        problem = task.request_problem(body, served.settings_of(body.adapter))
+        if problem:
+            return error(422, problem, endpoint)
+        rows = [(body.adapter, *item) for item in items]
+        outputs = await batcher_box["batcher"].submit(rows)
+        failed = next((p for p in outputs if isinstance(p, Exception)), None)
+        if failed is not None:
+            return _row_error(failed, endpoint)
+        answer = task.response(body.adapter, outputs, labels)
+        metrics.classified.labels(body.adapter).inc(len(rows))
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return answer
+
+    infer.__annotations__["body"] = schema.request  # the task's request model: validated, and in the OpenAPI schema
+    app.post(schema.route, response_model=schema.response)(infer)
+
+    def _row_error(failed: Exception, endpoint: str) -> JSONResponse:
+        if isinstance(failed, AdapterNotFound):  # the adapter was unloaded while the request waited
+            return error(404, str(failed.args[0]), endpoint)
+        if isinstance(failed, BadText):
+            return error(422, str(failed), endpoint)
+        log.error("%s failed: %s: %s", schema.verb, type(failed).__name__, failed)
+        return error(500, f"{schema.verb} failed ({type(failed).__name__}); the server log has the details", endpoint)
 
 
 def serve(base: str, adapters: str, host: str = "127.0.0.1", port: int = 8000, options: dict | None = None,

@@ -23,6 +23,8 @@ from ..io import CONFIG_NAME, AdapterContentError, AdapterFileError, find_adapte
 from ..model import BASE, AdaptedModel
 from ..names import AdapterNameError, check_adapter_name
 from ..tasks import DEFAULT_TASK, Task, get_task
+
+SHARED_TASKS = ("classification", "token-classification")  # the tasks ``--task auto`` serves on one body
 from ..tasks.data import DataError
 from ..train.folder import RunFolder
 
@@ -55,29 +57,42 @@ class AdapterInfo:
     metrics: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # the task's (Task.adapter_settings), e.g. whether it takes pairs
     task: Task | None = None
+    vocabulary: object = None  # the task's vocabulary from the run folder (None: a plain adapter folder)
+    head: str | None = None  # --task auto: how its head reads the shared body (Task.shared_head)
 
     def public(self) -> dict:
         public = self.task.adapter_public(self.settings) if self.task is not None else {}
-        return {"name": self.name, "method": self.method, "labels": self.labels, "trainable_share": self.trainable_share,
+        return {"name": self.name, "task": self.task.name if self.task is not None else None, "method": self.method, "labels": self.labels, "trainable_share": self.trainable_share,
                 "metrics": self.metrics, **public}
 
 
 class ServedModel:
     def __init__(self, base_path: str | Path, adapter_root: str | Path, task: str = DEFAULT_TASK,
                  max_length: int = 128, **options) -> None:
-        """``options``: the task's base-model settings (classification: ``pooling``)."""
+        """``options``: the task's base-model settings (classification: ``pooling``). ``task="auto"``: one encoder
+        body for classification and token-classification run folders side by side (``shared.py``), each adapter
+        answering for its own run's task."""
         from transformers import AutoTokenizer
 
         from ..train.setup import resolve_model
 
-        self.task = get_task(task)
+        self.auto = task == "auto"
+        self.task = get_task(DEFAULT_TASK if self.auto else task)
+        #: the tasks this server answers (one route each)
+        self.tasks = [get_task(name) for name in SHARED_TASKS] if self.auto else [self.task]
         self.base_path = resolve_model(str(base_path))
         self.root = Path(adapter_root).resolve()
         if not self.root.is_dir():
             raise BadAdapterRequest(f"adapter directory {adapter_root} does not exist")
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        base, self.base_labels, self.settings = self.task.serving_base(self.base_path, options)
+        if self.auto:
+            from .shared import SharedEncoder, load_body
+
+            base, self.base_labels, self.settings = SharedEncoder(load_body(self.base_path)), None, {}
+            self._own_bases: dict[tuple[str, str], tuple[str, str]] = {}  # (task, head) -> (fingerprint, prefix)
+        else:
+            base, self.base_labels, self.settings = self.task.serving_base(self.base_path, options)
         self.model = AdaptedModel(base).eval()  # and every adapter added later follows this mode (no dropout)
         self.fingerprint = base_fingerprint(base)
         self.lock = threading.RLock()
@@ -149,32 +164,40 @@ class ServedModel:
 
     def _load(self, name: str, path: str | Path) -> AdapterInfo:
         run, adapter_dir = self._adapter_folder(path)
-        labels, method, share, metrics, stored = None, None, None, {}, None
-        vocabulary_file = run.vocabulary_file(self.task)
+        labels, method, share, metrics, stored, vocabulary = None, None, None, {}, None, None
+        task, load_options = self.task, {}
+        if self.auto:
+            task, head_kind, load_options = self._shared_task(name, run)
+        vocabulary_file = run.vocabulary_file(task)
         if run.config_file.is_file() and vocabulary_file.is_file():
             import yaml
 
             self._confined(vocabulary_file)
             stored = yaml.safe_load(self._confined(run.config_file).read_text(encoding="utf-8")) or {}
-            if stored.get("task", DEFAULT_TASK) != self.task.name:
+            if stored.get("task", DEFAULT_TASK) != task.name:
                 raise AdapterConflict(f"adapter {name!r} was trained for the task {stored.get('task')!r}; this server "
-                                      f"serves {self.task.name!r}")
-            problem = self.task.check_adapter(name, stored, self.settings, self.base_path)
+                                      f"serves {task.name!r} (start it with --task auto to serve several tasks)")
+            problem = None if self.auto else task.check_adapter(name, stored, self.settings, self.base_path)
             if problem:
                 raise AdapterConflict(problem)
             stored_vocabulary = json.loads(vocabulary_file.read_text(encoding="utf-8"))
             try:
-                labels = self.task.names(self.task.vocabulary_from_dict(stored_vocabulary))
+                vocabulary = task.vocabulary_from_dict(stored_vocabulary)
+                labels = task.names(vocabulary)
             except DataError as err:
                 raise BadAdapterRequest(f"adapter {name!r}: {vocabulary_file.name} {err}") from None
             method = stored.get("method")
             if run.report_file.is_file():
                 report = json.loads(self._confined(run.report_file).read_text(encoding="utf-8"))
                 share = report.get("trainable_share")
-                metrics = self.task.served_metrics(report)
+                metrics = task.served_metrics(report)
+        try:
+            settings = task.adapter_settings(stored)
+        except DataError as err:
+            raise BadAdapterRequest(f"adapter {name!r}: {err}") from None
         with self.lock:
             try:
-                self.model.load_adapter(adapter_dir, name, resize_heads=True, check_base=True)
+                self.model.load_adapter(adapter_dir, name, resize_heads=True, check_base=True, **load_options)
             except (AdapterFileError, BadAdapterRequest):
                 raise
             except (KeyError, TypeError, ValueError, NotImplementedError) as err:
@@ -188,10 +211,43 @@ class ServedModel:
             self.unload(name)
             raise AdapterConflict(f"adapter {name!r}: {vocabulary_file.name} lists {len(labels)} labels but its head "
                                   f"has {head} outputs")
-        info = AdapterInfo(name, str(run.path), method or record.method.name, labels, share, metrics,
-                           self.task.adapter_settings(stored), self.task)
+        info = AdapterInfo(name, str(run.path), method or record.method.name, labels, share, metrics, settings,
+                           task, vocabulary, head_kind if self.auto else None)
         self.adapters[name] = info
         return info
+
+    def _shared_task(self, name: str, run: RunFolder) -> tuple[Task, str, dict]:
+        """--task auto: the run's task, how its head reads the shared body, and how its file is loaded onto the body
+        (its keys renamed, the base checked against the fingerprint of the run's own task model)."""
+        import yaml
+
+        if not run.config_file.is_file():
+            raise BadAdapterRequest(f"adapter {name!r}: --task auto serves run folders (config.yaml names the task); "
+                                    "serve a plain adapter folder with --task classification")
+        stored = yaml.safe_load(self._confined(run.config_file).read_text(encoding="utf-8")) or {}
+        task_name = stored.get("task", DEFAULT_TASK)
+        if task_name not in SHARED_TASKS:
+            raise AdapterConflict(f"adapter {name!r} is a {task_name!r} run; --task auto serves "
+                                  f"{' and '.join(SHARED_TASKS)} runs")
+        task = get_task(task_name)
+        try:
+            head = task.shared_head(stored, self.base_path)
+        except DataError as err:
+            raise AdapterConflict(f"adapter {name!r} {err}") from None
+        if (task.name, head) not in self._own_bases:  # built once per kind: what the run's own model looked like
+            from .shared import body_prefix
+
+            own = task.serving_base(self.base_path, {"pooling": head})[0]
+            self._own_bases[task.name, head] = (base_fingerprint(own), body_prefix(own, self.model.base_model.body))
+        fingerprint, prefix = self._own_bases[task.name, head]
+        from .shared import renamer
+
+        return task, head, {"rename": renamer(prefix), "base_fingerprint": fingerprint}
+
+    def task_of(self, name: str) -> Task:
+        """The task an adapter answers for (the base model: the server's)."""
+        info = self.adapters.get(name)
+        return info.task if info is not None and info.task is not None else self.task
 
     def _head_size(self, name: str) -> int | None:
         from ..layers.modules_to_save import ModulesToSave
@@ -234,7 +290,7 @@ class ServedModel:
         features: dict[int, dict] = {}
         for i, (_, *inputs) in enumerate(rows):  # one row at a time: a bad text fails only its own row
             try:
-                features[i] = self.task.encode_row(self.tokenizer, tuple(inputs), self.max_length)
+                features[i] = self.task_of(rows[i][0]).encode_row(self.tokenizer, tuple(inputs), self.max_length)
             except Exception as err:
                 out[i] = BadText(f"text {str(inputs[0])[:40]!r} cannot be tokenized: {type(err).__name__}: {err}")
         names = [row[0] for row in rows]
@@ -243,10 +299,16 @@ class ServedModel:
             for i in set(features) - set(live):  # unloaded while the request waited
                 out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
             groups = self._forward_rows(live, features, names, out) if live else []
-            vocabularies = {name: self.labels_of(name) for name in {names[i] for i in live}}
+            vocabularies = {name: (self.labels_of(name), getattr(self.adapters.get(name), "vocabulary", None))
+                            for name in {names[i] for i in live}}
         for index, logits in groups:
             for row, i in enumerate(index):
-                out[i] = self.task.row_output(logits[row], vocabularies[names[i]])
+                labels, vocabulary = vocabularies[names[i]]
+                try:
+                    out[i] = self.task_of(names[i]).serve_row(logits[row], labels, tuple(rows[i][1:]), vocabulary)
+                except Exception as err:  # only this row's answer failed
+                    log.error("answer failed for one row (adapter %r): %s: %s", names[i], type(err).__name__, err)
+                    out[i] = err
         return out
 
     def _forward_rows(self, index: list[int], features: dict[int, dict], names: list[str],
@@ -269,9 +331,44 @@ class ServedModel:
         out[index[0]] = failure
         return []
 
-    def _forward(self, features: list[dict], names: list[str]) -> torch.Tensor:
-        batch = self.task.collate(self.tokenizer, features)
-        logits = self.task.logits(self.task.forward(self.model, batch, adapter_names=names))
+    def _forward(self, features: list[dict], names: list[str]) -> torch.Tensor | list[torch.Tensor]:
+        if self.auto:
+            logits = self._shared_forward(features, names)
+        else:
+            batch = self.task.collate(self.tokenizer, features)
+            logits = self.task.logits(self.task.forward(self.model, batch, adapter_names=names))
         if self.on_forward is not None:
             self.on_forward(names)
+        return logits
+
+    def _shared_forward(self, features: list[dict], names: list[str]) -> list[torch.Tensor]:
+        """--task auto: rows of every task in ONE forward of the shared body; each row's logits, in order."""
+        from types import SimpleNamespace
+
+        from .shared import TOKEN, shared_batch
+
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, name in enumerate(names):
+            info = self.adapters[name] if name in self.adapters else None
+            if info is None:
+                raise BadAdapterRequest("the shared base has no task head of its own: name an adapter")
+            groups.setdefault((info.task.name, info.head), []).append(i)
+        parts = [(get_task(task), [features[i] for i in index], [names[i] for i in index], head)
+                 for (task, head), index in groups.items()]
+        joined, pieces = shared_batch(self.tokenizer, self.tokenizer.pad_token_id or 0, parts)
+        shared = self.model.base_model
+        shared.kinds = joined["kinds"]
+        try:
+            out = self.model(**joined["batch"], adapter_names=joined["adapter_names"])
+        finally:
+            shared.kinds = None
+        logits: list = [None] * len(names)
+        for (task, batch, first, count), index, (_, _, _, head) in zip(pieces, groups.values(), parts):
+            rows = out[first:first + count]
+            if head == TOKEN:  # windows stitched back into sentences, as the task itself does
+                rows = task.logits(SimpleNamespace(raw=SimpleNamespace(logits=rows), plan=batch["token_plan"]))
+            else:
+                rows = rows[:, 0]
+            for row, i in enumerate(index):
+                logits[i] = rows[row]
         return logits

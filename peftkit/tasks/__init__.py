@@ -230,6 +230,19 @@ class Task:
         """One row's answer from its logits, for an adapter predicting over ``names``."""
         raise NotImplementedError
 
+    def serve_row(self, logits: torch.Tensor, names: list[str], inputs: tuple, vocabulary=None):
+        """One row's answer given its inputs too and the adapter's vocabulary (None: not known); token-classification
+        needs the text for its spans. Default: ``row_output``."""
+        return self.row_output(logits, names)
+
+    def shared_head(self, stored_config: dict, model_path: str) -> str:
+        """``peftkit serve --task auto`` (one encoder body for several tasks): how this run's head reads the body's
+        hidden states (``"token"``: every position; ``"mean"``/``"cls"``: a pooled vector); a ``DataError`` says
+        why it cannot share the body. ``serving_base(model_path, {"pooling": <that>})`` is its own serving model."""
+        from .data import DataError
+
+        raise DataError(f"task {self.name!r} cannot share an encoder body with other tasks")
+
     def response(self, adapter: str, outputs: list, names: list[str]):
         """The response model for a request's rows."""
         raise NotImplementedError

@@ -277,6 +277,15 @@ class Classification(Task):
         # True: trained on sentence pairs; False: on single texts; None: not known (a plain adapter folder)
         return {"pairs": None if stored_config is None else bool(stored_config.get("text_pair_column"))}
 
+    def shared_head(self, stored_config: dict, model_path: str) -> str:
+        from .heads import resolve_pooling
+
+        pooling = resolve_pooling(model_path, stored_config.get("pooling", "auto"))
+        if pooling == "pooler":  # the pooler is a body module of its own that token classification has not
+            raise D.DataError("was trained with pooling 'pooler', which cannot share the encoder body with other "
+                            "tasks; serve it with --task classification --pooling pooler")
+        return pooling
+
     def served_metrics(self, report: dict) -> dict:
         return {split: round(report[split]["accuracy"], 4) for split in ("dev", "test") if split in report}
 

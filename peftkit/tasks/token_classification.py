@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import Datasets, Task, register_task
+from . import Datasets, ServeSchema, Task, register_task
 from . import token_data as T
 from .data import DataError
 
@@ -128,7 +128,7 @@ class TokenClassification(Task):
         return features
 
     def collate(self, tokenizer, features: Sequence[dict]) -> dict:
-        rows, sentence, word, row, position = [], [], [], [], []
+        rows, sentence, word, row, position, owner = [], [], [], [], [], []
         for s, feature in enumerate(features):
             prefix, suffix = feature["special"]
             starts = [0]
@@ -137,6 +137,7 @@ class TokenClassification(Task):
             first_row = len(rows)
             for a, b in feature["spans"]:
                 rows.append({"input_ids": prefix + feature["input_ids"][starts[a]:starts[b]] + suffix})
+                owner.append(s)
             for w, window in enumerate(feature["best"]):
                 sentence.append(s), word.append(w), row.append(first_row + window)
                 position.append(len(prefix) + starts[w] - starts[feature["spans"][window][0]])
@@ -145,13 +146,17 @@ class TokenClassification(Task):
                         else {"input_ids": [0]})
         batch = dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))
         width = max((len(f["lengths"]) for f in features), default=0)
-        batch[PLAN] = {"sentences": len(features), "width": width,
+        # "owner": the sentence of each window row (a mixed-adapter batch gives every window its sentence's adapter)
+        batch[PLAN] = {"sentences": len(features), "width": width, "owner": owner,
                        **{k: torch.tensor(v, dtype=torch.long) for k, v in
                           (("sentence", sentence), ("word", word), ("row", row), ("position", position))}}
         return batch
 
     def forward(self, model: nn.Module, batch: dict, **kwargs) -> TokenOutputs:
         inputs = {k: v for k, v in batch.items() if k != PLAN}
+        if kwargs.get("adapter_names") is not None:  # one name per sentence -> one per window row
+            names, owner = kwargs["adapter_names"], batch[PLAN]["owner"]
+            kwargs["adapter_names"] = [names[s] for s in owner] if owner else [names[0]] * len(inputs["input_ids"])
         return TokenOutputs(model(**inputs, **kwargs), batch[PLAN])
 
     def logits(self, outputs: TokenOutputs) -> torch.Tensor:
@@ -249,6 +254,48 @@ class TokenClassification(Task):
                         handle.write("".join(f"{w}\t{t}\n" for w, t in zip(row["tokens"], row["tags"])) + "\n")
 
         atomic_write(path, write)
+
+    # -- serving (schema and base model: token_serve.py) ------------------------------------------------
+    def serving_base(self, model_path: str, options: dict) -> tuple[nn.Module, list[str] | None, dict]:
+        from .token_serve import serving_base
+
+        model, labels = serving_base(model_path)
+        return model, labels, {}
+
+    def serve_schema(self) -> ServeSchema:
+        from .token_serve import TagRequest, TagResponse
+
+        return ServeSchema("/v1/tag", TagRequest, TagResponse, verb="tag")
+
+    def request_rows(self, request) -> list[tuple[str]]:
+        return [(text,) for text in request.texts]
+
+    def serve_row(self, logits: torch.Tensor, names: list[str], inputs: tuple, vocabulary=None) -> dict:
+        """The ``peftkit predict --text`` row of one text: its words' logits (a mixed batch pads heads to the widest
+        and sentences to the longest: both cut off here) through ``prediction_rows``."""
+        sentence = T.split_words(inputs[0])
+        if vocabulary is None:  # a base model with a trained head: its tags, the scheme read from their prefixes
+            scheme = "BIOES" if any(name[:2] in ("E-", "S-") for name in names) else "IOB2"
+            vocabulary = T.TagSet(list(names), scheme, strict=False)
+        probs = self.outputs(logits[:len(sentence.words), :len(names)])
+        return self.prediction_rows([sentence], probs[None], vocabulary)[0]
+
+    def response(self, adapter: str, outputs: list[dict], names: list[str]):
+        from .token_serve import TagResponse
+
+        return TagResponse(adapter=adapter, results=outputs)
+
+    def adapter_settings(self, stored_config: dict | None) -> dict:
+        if stored_config is None:
+            raise DataError(f"a token-classification adapter is served from its run folder: {self.vocabulary_file} "
+                            "(the tags, their scheme) is missing; point the server at the run folder")
+        return {}
+
+    def shared_head(self, stored_config: dict, model_path: str) -> str:
+        return "token"
+
+    def served_metrics(self, report: dict) -> dict:
+        return {f"{split}_f1": round(report[split]["f1"], 4) for split in ("dev", "test") if split in report}
 
     # -- merged folders ------------------------------------------------------------------------------------
     def write_merged(self, folder: Path, plain: nn.Module, vocabulary: T.TagSet, config, run_path: Path,
