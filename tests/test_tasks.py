@@ -160,10 +160,10 @@ def test_the_server_answers_through_its_task(toy, tmp_path):
         def request_problem(self, request, settings):
             return None
 
-        def row_output(self, logits, names):
+        def serve_row(self, logits, names, inputs, vocabulary=None):
             return logits[:len(names)].float()
 
-        def response(self, adapter, outputs, names):
+        def response(self, adapter, outputs, names, vocabulary=None):
             return EchoResponse(adapter=adapter, top=[names[int(o.argmax())] for o in outputs], width=len(outputs[0]))
 
     register_task(ServedToy())

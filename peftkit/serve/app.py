@@ -182,7 +182,7 @@ def _route(app: FastAPI, served: ServedModel, task, schema, limits: Limits, metr
         failed = next((p for p in outputs if isinstance(p, Exception)), None)
         if failed is not None:
             return _row_error(failed, endpoint)
-        answer = task.response(body.adapter, outputs, labels)
+        answer = task.response(body.adapter, outputs, labels, served.vocabulary_of(body.adapter))
         metrics.classified.labels(body.adapter).inc(len(rows))
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

@@ -274,6 +274,11 @@ class ServedModel:
             raise AdapterNotFound(f"no adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
         return self.adapters[name].labels
 
+    def vocabulary_of(self, name: str):
+        """The task vocabulary of an adapter's run (None: the base model or a plain adapter folder)."""
+        info = self.adapters.get(name)
+        return info.vocabulary if info is not None else None
+
     def settings_of(self, name: str) -> dict:
         """The task settings of an adapter (empty for the base model)."""
         info = self.adapters.get(name)
@@ -299,7 +304,7 @@ class ServedModel:
             for i in set(features) - set(live):  # unloaded while the request waited
                 out[i] = AdapterNotFound(f"adapter {names[i]!r} was unloaded")
             groups = self._forward_rows(live, features, names, out) if live else []
-            vocabularies = {name: (self.labels_of(name), getattr(self.adapters.get(name), "vocabulary", None))
+            vocabularies = {name: (self.labels_of(name), self.vocabulary_of(name))
                             for name in {names[i] for i in live}}
         for index, logits in groups:
             for row, i in enumerate(index):

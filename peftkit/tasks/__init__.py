@@ -226,14 +226,11 @@ class Task:
         return self.encode(tokenizer, self.inputs([row[0]], [row[1]] if len(row) > 1 and row[1] is not None
                                                    else None), max_length)[0]
 
-    def row_output(self, logits: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """One row's answer from its logits, for an adapter predicting over ``names``."""
-        raise NotImplementedError
-
     def serve_row(self, logits: torch.Tensor, names: list[str], inputs: tuple, vocabulary=None):
-        """One row's answer given its inputs too and the adapter's vocabulary (None: not known); token-classification
-        needs the text for its spans. Default: ``row_output``."""
-        return self.row_output(logits, names)
+        """One row's answer from its logits, for an adapter predicting over ``names``; ``inputs`` are the row's
+        inputs (token-classification needs the text for its spans) and ``vocabulary`` the adapter's own (None: a
+        plain adapter folder; classification reads its out-of-scope rule there)."""
+        raise NotImplementedError
 
     def shared_head(self, stored_config: dict, model_path: str) -> str:
         """``peftkit serve --task auto`` (one encoder body for several tasks): how this run's head reads the body's
@@ -243,8 +240,8 @@ class Task:
 
         raise DataError(f"task {self.name!r} cannot share an encoder body with other tasks")
 
-    def response(self, adapter: str, outputs: list, names: list[str]):
-        """The response model for a request's rows."""
+    def response(self, adapter: str, outputs: list, names: list[str], vocabulary=None):
+        """The response model for a request's rows (``vocabulary``: the adapter's own, None if not known)."""
         raise NotImplementedError
 
     def adapter_settings(self, stored_config: dict | None) -> dict:

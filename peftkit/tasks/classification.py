@@ -88,8 +88,6 @@ class Classification(Task):
         return D.LabelMap.from_dict(data)
 
     def names(self, vocabulary: D.LabelMap) -> list[str]:
-        if vocabulary.ood is not None:  # the server keeps only the names: they carry the rule to its answers
-            return _RuledNames(vocabulary.names, vocabulary.ood)
         return vocabulary.names
 
     def targets(self, examples: Sequence[D.Example], vocabulary: D.LabelMap, source: str) -> list[int]:
@@ -252,14 +250,16 @@ class Classification(Task):
         return (f"adapter {request.adapter!r} was trained on {'sentence pairs' if takes_pairs else 'single texts'} "
                 f"but the request sends {sent}: send {wanted}")
 
-    def row_output(self, logits: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def serve_row(self, logits: torch.Tensor, names: list[str], inputs: tuple,
+                  vocabulary: D.LabelMap | None = None) -> torch.Tensor:
         # the shared head may be wider than this adapter's; an adapter with an ood rule gets its score appended
-        return _with_score(logits, getattr(names, "ood", None), len(names))
+        return _with_score(logits, _rule(vocabulary), len(names))
 
-    def response(self, adapter: str, outputs: list[torch.Tensor], names: list[str]):
+    def response(self, adapter: str, outputs: list[torch.Tensor], names: list[str],
+                 vocabulary: D.LabelMap | None = None):
         from .classification_serve import ClassifyResponse, OodPrediction, Prediction
 
-        rule, predictions = getattr(names, "ood", None), []
+        rule, predictions = _rule(vocabulary), []
         for output in outputs:  # full float32 precision: answers equal `peftkit predict` bit for bit
             probs = output[:len(names)]
             best = int(probs.argmax())
@@ -293,12 +293,9 @@ class Classification(Task):
         return {"input": {True: "pairs", False: "texts", None: "texts or pairs"}[settings.get("pairs")]}
 
 
-class _RuledNames(list):
-    """Label names that carry their run's out-of-scope rule (still a plain list to JSON and to callers)."""
-
-    def __init__(self, names: Sequence[str], ood) -> None:
-        super().__init__(names)
-        self.ood = ood
+def _rule(vocabulary: D.LabelMap | None):
+    """The out-of-scope rule of a served adapter's run (None: none, or a plain adapter folder)."""
+    return getattr(vocabulary, "ood", None)
 
 
 def _with_score(logits: torch.Tensor, rule, width: int) -> torch.Tensor:

@@ -280,7 +280,7 @@ class TokenClassification(Task):
         probs = self.outputs(logits[:len(sentence.words), :len(names)])
         return self.prediction_rows([sentence], probs[None], vocabulary)[0]
 
-    def response(self, adapter: str, outputs: list[dict], names: list[str]):
+    def response(self, adapter: str, outputs: list[dict], names: list[str], vocabulary=None):
         from .token_serve import TagResponse
 
         return TagResponse(adapter=adapter, results=outputs)
