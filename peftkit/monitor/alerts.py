@@ -72,7 +72,10 @@ class Delivery:
         error = "not tried"
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
+                delay = min(60.0, self.backoff * 2 ** (attempt - 1))
+                print(f"monitor: webhook {self.webhook}: {error}; retry {attempt} of {self.retries} in {delay:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
             try:
                 answer = self.client.post(self.webhook, json=alert, headers={"Idempotency-Key": alert["id"]})
             except httpx.HTTPError as err:  # refused, reset, timed out: worth another try

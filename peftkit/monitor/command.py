@@ -86,9 +86,9 @@ def run(args: argparse.Namespace, classifier=None) -> int:
     if metrics is not None:
         metrics.listen(args.listen)
         print(f"monitor: metrics on http://{args.listen}/metrics", file=sys.stderr, flush=True)
-    stop_on_signals(monitor)
     try:
-        totals = monitor.run()
+        with stop_on_signals(monitor):
+            totals = monitor.run()
     finally:
         if metrics is not None:
             metrics.close()

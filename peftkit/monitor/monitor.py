@@ -13,13 +13,14 @@ Why a SIGKILL at any moment neither repeats an alert nor misses a record:
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..atomic import write_json
 from .alerts import Delivery
@@ -170,11 +171,16 @@ class Monitor:
             self._save()  # after each alert: a crash now must not deliver this one again
 
 
-def stop_on_signals(monitor: Monitor) -> None:
-    """SIGTERM / SIGINT end the loop after the current batch (its state saved); only from the main thread."""
-    def handler(signum, frame):
-        monitor.stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+@contextlib.contextmanager
+def stop_on_signals(monitor: Monitor) -> Iterator[None]:
+    """While inside: SIGTERM / SIGINT end the loop after the current batch (its state saved). The previous
+    handlers come back afterwards; outside the main thread nothing changes (signals go to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: monitor.stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
