@@ -285,3 +285,18 @@ def test_time_without_a_time_field_is_the_arrival_time(tmp_path):
     assert monitor("--input", data, "--alerts", alerts, "--rule", "count(negative) >= 3 over 3") == 0
     window = read_alerts(alerts)[0]["window"]
     assert before - 1 <= parse_time(window["first_time"]) <= parse_time(window["last_time"]) <= time.time() + 1
+
+
+def test_rules_file_and_its_errors(tmp_path, capsys):
+    from peftkit.cli import main
+
+    data = write_lines(tmp_path / "in.jsonl", stream(SHARES))
+    rules, alerts = tmp_path / "rules.txt", tmp_path / "alerts.jsonl"
+    rules.write_text("# comment\n\nshare(negative) > 0.35 over 100 for 2 windows   # sustained\n", encoding="utf-8")
+    assert monitor("--input", data, "--rules", rules, "--alerts", alerts) == 0
+    assert [a["window"]["last_line"] for a in read_alerts(alerts)] == [500, 900]
+    rules.write_text("share(negative) > 0.35 over 100\ncount(negative) >= 2 in 10\n", encoding="utf-8")
+    assert main(["monitor", "--run", "x", "--input", str(data), "--rules", str(rules)]) == 2
+    assert f"{rules} line 2: rule 'count(negative) >= 2 in 10': at column 25" in capsys.readouterr().err
+    assert main(["monitor", "--run", "x", "--input", str(data)]) == 2
+    assert "no rules: give --rule RULE" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """``peftkit monitor``: classify a stream of JSON lines with a run and raise alerts when rules hold.
 
-    peftkit monitor --run RUN --input FILE|- [--follow] [--listen HOST:PORT] --rule RULE [--rule RULE ...]
+    peftkit monitor --run RUN --input FILE|- [--follow] [--listen HOST:PORT] (--rule RULE ... | --rules FILE)
                     [--group-by FIELD] [--alerts alerts.jsonl] [--webhook URL] [--state DIR] [--batch N]
 
 Each input line is a JSON object with ``text`` and optionally ``time`` (epoch seconds or ISO 8601), ``source`` and
@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a classification run folder (or a merged folder)")
     parser.add_argument("--input", required=True, help="a JSON-lines file, or - for standard input")
     parser.add_argument("--follow", action="store_true", help="keep reading the file as it grows (like tail -f)")
-    parser.add_argument("--rule", action="append", required=True, help="an alert rule (repeat for several)")
+    parser.add_argument("--rule", action="append", default=[], help="an alert rule (repeat for several)")
+    parser.add_argument("--rules", help="a file of rules, one per line (# starts a comment)")
     parser.add_argument("--group-by", "--group_by", dest="group_by", help="field whose value gets its own windows")
     parser.add_argument("--alerts", help="append alerts to this JSON-lines file (default: print them)")
     parser.add_argument("--webhook", help="POST each alert (JSON) to this URL, retried with exponential backoff")
@@ -43,6 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --follow: stop after this many seconds without a new line")
 
 
+def rules_of_file(path: Path) -> list:
+    """The rules of a rules file; an error names the file's line."""
+    from .rules import RuleError, parse_rule
+
+    rules = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                rules.append(parse_rule(text))
+            except RuleError as err:
+                raise RuleError(f"{path} line {number}: {err}") from None
+    return rules
+
+
 def run_classifier(path: str):
     """The classify function of a run folder (the path of ``peftkit predict``) and its labels."""
     from ..train.run import Run
@@ -59,7 +75,9 @@ def run(args: argparse.Namespace, classifier=None) -> int:
     from .monitor import Monitor, Options, stop_on_signals
     from .rules import check_labels, parse_rule
 
-    rules = [parse_rule(text) for text in args.rule]  # before the model loads: a typo fails at once
+    rules = [parse_rule(text) for text in args.rule] + (rules_of_file(Path(args.rules)) if args.rules else [])
+    if not rules:  # parsed before the model loads: a typo fails at once
+        raise MonitorError("no rules: give --rule RULE (repeat for several) or --rules FILE")
     if args.batch < 1 or args.top < 0 or args.webhook_retries < 0 or args.webhook_backoff < 0 or args.poll <= 0:
         raise MonitorError("--batch must be at least 1, --poll above 0, and --top, --webhook-retries and "
                            "--webhook-backoff not negative")
