@@ -97,7 +97,7 @@ class Monitor:
         write_json(self.state_file, {
             "version": STATE_VERSION, "input": {"path": self.options.input, "offset": self.offset, "line": self.line},
             "rules": [r.text for r in self.options.rules], "group_by": self.options.group_by,
-            "windows": [w.to_dict() for w in self.windows], "outbox": self.outbox, "fired": self.fired[-KEEP_FIRED:],
+            "windows": [w.to_dict() for w in self.windows], "outbox": self.outbox, "fired": self.fired,
             "totals": self.totals.__dict__})
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -165,6 +165,7 @@ class Monitor:
             self.delivery.deliver(alert, in_file=alert["id"] in written)
             self.outbox.pop(0)
             self.fired.append(alert["id"])
+            del self.fired[:-KEEP_FIRED]
             self.totals.alerts += 1
             if self.metrics is not None:
                 self.metrics.alert(alert)
