@@ -9,6 +9,7 @@
     peftkit info DIR
     peftkit search [CONFIG.yaml] --space SPACE.yaml --trials N [--jobs J ...] [--key value ...]
     peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
+    peftkit monitor --run DIR --input FILE|- --rule RULE ... [--group-by FIELD --alerts FILE --webhook URL --state DIR]
 
 Exit status: 0 done; 2 bad input (a config key, a data file, a run folder, an output that cannot be written),
 reported in one paragraph naming what is wrong; 3 training diverged (non-finite loss, gradients or weights; nothing
@@ -170,6 +171,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest request body accepted (larger: HTTP 413)")
     serve.set_defaults(handler=_serve)
 
+    from .monitor.command import HELP as MONITOR_HELP, add_arguments as monitor_arguments
+
+    monitor = commands.add_parser("monitor", help="classify a stream of JSON lines and raise alerts on rules",
+                                  description=MONITOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    monitor_arguments(monitor)
+    monitor.set_defaults(handler=_monitor)
+
     commands.add_parser("search", help="hyper-parameter search with Optuna (see peftkit search --help)", add_help=False)
 
     info = commands.add_parser("info", help="what a run folder holds")
@@ -304,6 +312,17 @@ def _serve(args, rest) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _monitor(args, rest) -> int:
+    from .monitor.command import run
+    from .monitor.rules import RuleError
+    from .monitor.stream import MonitorError
+
+    try:
+        return run(args)
+    except (RuleError, MonitorError) as err:
+        raise UsageError(str(err)) from None
 
 
 def _info(args, rest) -> int:
