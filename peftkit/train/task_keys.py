@@ -28,3 +28,8 @@ class TaskKeys(BaseModel):
     # token-classification
     tag_scheme: Literal["auto", "IOB2", "BIOES"] = Field("auto", description="token-classification: tags (auto: detected)")
     strict_tags: bool = Field(True, description="token-classification: invalid tag transitions are errors; seqeval strict mode")
+    # ranking (label_column above: a candidate's label, 0 not relevant, 1 relevant, larger graded)
+    query_column: str = Field("query", description="ranking: column with the query (e.g. a user's profile text)")
+    item_column: str = Field("item", description="ranking: column with a candidate item's text (pointwise rows)")
+    positive_column: str = Field("positive", description="ranking: JSONL column with the relevant item(s) of a listwise row")
+    negatives_column: str = Field("negatives", description="ranking: JSONL column with the list of non-relevant items")
