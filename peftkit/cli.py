@@ -6,6 +6,7 @@
     peftkit merge --run DIR --out DIR
     peftkit generate --run DIR (--prompt "..." | --data FILE [--out FILE]) [--temperature T --top_p P ...]
     peftkit chat --run DIR
+    peftkit rank --run DIR --query "..." --candidates FILE [--top K]
     peftkit info DIR
     peftkit search [CONFIG.yaml] --space SPACE.yaml --trials N [--jobs J ...] [--key value ...]
     peftkit serve --base PATH --adapters DIR [--host 127.0.0.1 --port 8000]
@@ -148,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_arguments(chat)
     chat.set_defaults(handler=_chat)
 
+    rank = commands.add_parser("rank", help="ranking: a query's candidates ranked by a ranking run (JSON lines)")
+    rank.add_argument("--run", required=True, help="a ranking run folder, or a folder written by peftkit merge")
+    rank.add_argument("--query", required=True, help="the query (e.g. a user's profile text)")
+    rank.add_argument("--candidates", required=True, help="items: a .txt file (one per line) or .jsonl/.csv rows")
+    rank.add_argument("--top", type=int, default=10, help="how many of the best items to print (default 10)")
+    rank.add_argument("--item_column", default=None, help="column of the item text in .jsonl/.csv (default: the run's)")
+    rank.set_defaults(handler=_rank)
+
     serve = commands.add_parser("serve", help="serve many adapters from one base model over HTTP")
     serve.add_argument("--base", required=True, help="the base model folder (a merged folder too), or 'minilm'")
     serve.add_argument("--adapters", required=True, help="directory whose sub-folders are runs or adapter folders")
@@ -287,6 +296,24 @@ def _chat(args, rest) -> int:
 
     sampling = _sampling(args)
     G.chat(G.open_causal(args.run), sampling)
+    return 0
+
+
+def _rank(args, rest) -> int:
+    from .tasks.ranking import ranked
+    from .tasks.ranking_data import read_candidates
+    from .train.run import Run
+
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1 (got {args.top})")
+    run = Run(args.run)
+    if run.task.name != "ranking":
+        raise UsageError(f"{args.run} is a {run.task.name} run; peftkit rank needs a run trained with task: ranking")
+    candidates = read_candidates(args.candidates, args.item_column or run.config.item_column)
+    group = run.task.candidates(args.query, [c["item"] for c in candidates])
+    scores = run.logits([group])[0, :len(candidates)].tolist()
+    for rank, (index, score) in enumerate(ranked(scores, args.top), start=1):
+        print(json.dumps({"rank": rank, "score": round(score, 6), **candidates[index]}, ensure_ascii=False))
     return 0
 
 

@@ -6,8 +6,8 @@ examples are read and checked from files, the task's vocabulary stored in the ru
 classification), encoding and collating a batch, the training loss, turning model outputs into predictions,
 metrics / report / plots, the rows ``peftkit predict`` writes, and the server's request/response schema.
 
-Built in: ``classification`` (single texts and pairs; ``tasks/classification.py``), ``causal-lm`` and
-``token-classification`` (``tasks/token_classification.py``). A new task subclasses ``Task``,
+Built in: ``classification`` (single texts and pairs; ``tasks/classification.py``), ``causal-lm``,
+``token-classification`` (``tasks/token_classification.py``) and ``ranking`` (``tasks/ranking.py``). A new task subclasses ``Task``,
 fills its seams and calls ``register_task``; the config key ``task: <name>`` then selects it. The seams the next
 tasks need are marked below: ``token-classification`` (one label per token: ``targets`` and ``gather`` return
 per-token rows, ``metrics`` uses seqeval) and ``causal-lm`` (prompt/response columns; ``forward`` is teacher-forced
@@ -31,7 +31,8 @@ MERGED_MARKER = "peftkit_head.json"
 
 _TASKS: dict[str, "Task"] = {}
 _BUILT_IN = {"classification": "peftkit.tasks.classification", "causal-lm": "peftkit.tasks.causal_lm",
-             "token-classification": "peftkit.tasks.token_classification"}  # imported on first use
+             "token-classification": "peftkit.tasks.token_classification",
+             "ranking": "peftkit.tasks.ranking"}  # imported on first use
 
 
 @dataclass

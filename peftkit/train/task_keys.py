@@ -65,6 +65,12 @@ class TaskKeys(BaseModel):
     ood_dev_file: str | None = Field(None, description="classification: calibration file with in-scope and out-of-scope "
                                      "rows for the ood threshold (default: dev)")
 
+    # ranking (label_column above: a candidate's label, 0 not relevant, 1 relevant, larger graded)
+    query_column: str = Field("query", description="ranking: column with the query (e.g. a user's profile text)")
+    item_column: str = Field("item", description="ranking: column with a candidate item's text (pointwise rows)")
+    positive_column: str = Field("positive", description="ranking: JSONL column with the relevant item(s) of a listwise row")
+    negatives_column: str = Field("negatives", description="ranking: JSONL column with the list of non-relevant items")
+
     @field_validator("ood", mode="before")
     @classmethod
     def _ood_flag(cls, value):
