@@ -3,7 +3,7 @@ Gemma-3-270m (multilingual), LoRA on every linear layer.
 
     python benchmarks/multilingual.py                          # full budget (CPU: many hours; the Gemma runs dominate)
     python benchmarks/multilingual.py --budget short           # FinFE 1 epoch, FPB 2 epochs
-    python benchmarks/multilingual.py --budget smoke           # 48 training examples, 32 evaluated: checks the plumbing
+    python benchmarks/multilingual.py --budget smoke           # 16 training examples, 16 scored: checks the plumbing
     python benchmarks/multilingual.py --datasets finfe --bases gemma3-270m --append   # add the table to RESULTS.md
 
 Datasets (read from ../shared/data, never copied into the repository):
@@ -45,7 +45,7 @@ BASES = {  # pooling auto: MiniLM's mean pooling; Gemma's last non-padding token
 BUDGETS = {  # dataset -> (epochs, training examples, evaluated examples); None = all
     "full": {"finfe": (3, None, None), "fpb": (6, None, None)},
     "short": {"finfe": (1, None, None), "fpb": (2, None, None)},
-    "smoke": {"finfe": (1, 48, 32), "fpb": (1, 48, 32)},
+    "smoke": {"finfe": (1, 16, 16), "fpb": (1, 16, 16)},
 }
 
 
