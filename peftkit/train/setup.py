@@ -16,14 +16,14 @@ from ..methods import get_method
 
 
 def resolve_model(path: str) -> str:
-    from ..tasks.models import named_model
+    from ..tasks.models import PACKAGED, named_model
 
     named = named_model(path)
     if named is not None:
         return str(named)
     if not Path(path).is_dir():
-        raise DataError(f"model {path!r}: no such folder (a transformers model folder, or 'minilm' / 'smollm2' for "
-                        "the packaged ones)")
+        raise DataError(f"model {path!r}: no such folder (a transformers model folder, or one of the packaged ones: "
+                        f"{', '.join(PACKAGED)})")
     return path
 
 
