@@ -220,3 +220,26 @@ def test_label_all_tokens_continuation_tags_per_scheme():
     assert [bioes.continuation(t) for t in ("B-PER", "I-PER", "E-PER", "S-PER")] == ["I-PER", "I-PER", "E-PER", "S-PER"]
     with pytest.raises(ValueError, match="label_all_tokens is for task token-classification"):
         RunConfig.model_validate({"train_file": "x.csv", "label_all_tokens": True})
+
+
+# --------------------------------------------------------------------------------------------- eval / info
+def test_eval_reports_windowed_sentences_and_info_shows_the_detected_scheme(tmp_path, capsys):
+    from peftkit.cli import main
+    from peftkit.train.run import Run
+
+    from serve_tag_helpers import make_tag_run
+
+    tags = ["O", "B-PER", "I-PER", "E-PER", "S-PER"]
+    run = make_tag_run(tmp_path / "run", tiny_model_dir(tmp_path), seed=1, tags=tags, max_length=8)
+    (run / "tags.json").write_text(json.dumps({"tags": tags, "scheme": "BIOES", "strict": True}))  # as detected
+    data = tmp_path / "dev.conll"  # 12 words need windows of 6 sub-tokens; "Bob runs" fits in one
+    long = ["Alice", "Smith"] + ["and"] * 9 + ["Bob"]
+    data.write_text("".join(f"{w}\t{t}\n" for w, t in zip(long, ["B-PER", "E-PER"] + ["O"] * 9 + ["S-PER"]))
+                    + "\nBob\tS-PER\nruns\tO\n", encoding="utf-8")
+    assert Run(run).evaluate(data)["windowed_sentences"] == {"sentences": 2, "windowed": 1}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(data)]) == 0
+    assert "windowed sentences 1 of 2" in capsys.readouterr().out
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "tag_scheme: BIOES" in out and "auto" not in out  # the run config says auto; tags.json what was detected

@@ -259,7 +259,8 @@ class TokenClassification(Task):
                                directory / f"confusion_{split}.png", f"entity types ({split})")
 
     def settings(self, config) -> dict:
-        return {"tag_scheme": config.tag_scheme, "strict_tags": config.strict_tags}
+        return {"tag_scheme": config.tag_scheme, "strict_tags": config.strict_tags,
+                "label_all_tokens": config.label_all_tokens}
 
     def vocabulary_settings(self, vocabulary: T.TagSet) -> dict:
         return {"tag_scheme": vocabulary.scheme, "strict_tags": vocabulary.strict}  # tags.json: as detected in training
