@@ -240,7 +240,8 @@ class TokenClassification(Task):
         return {"windowed_sentences": counts}
 
     def encoding_report(self, features: Sequence[dict]) -> dict:
-        return {"windowed_sentences": {"sentences": len(features), "windowed": sum(len(f["spans"]) > 1 for f in features)}}
+        windowed = sum(len(f["spans"]) > 1 for f in features)
+        return {"windowed_sentences": {"sentences": len(features), "windowed": windowed}}
 
     def summary(self, result: dict) -> str:
         line = (f"entity F1 {result['f1']:.4f}   precision {result['precision']:.4f}   recall {result['recall']:.4f}   "
