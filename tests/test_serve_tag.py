@@ -72,7 +72,9 @@ def test_hot_load_list_metrics_and_unload(app):
     response = client.post("/v1/tag", json={"adapter": "later", "texts": TEXTS[:1]})
     assert response.status_code == 200, response.text
     same_rows(response.json()["results"], predict_rows(app["adapters"] / "staging" / "later", TEXTS[:1], MAX_LENGTH))
-    assert 'peftkit_texts_classified_total{adapter="later"} 1.0' in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert 'peftkit_texts_total{adapter="later",task="token-classification"} 1.0' in metrics
+    assert "classified" not in metrics  # a tagged text is not counted as classified
     assert client.delete("/v1/adapters/later").status_code == 200
     response = client.post("/v1/tag", json={"adapter": "later", "texts": TEXTS[:1]})
     assert response.status_code == 404 and "later" in response.json()["error"]

@@ -168,3 +168,78 @@ def test_long_sentence_is_split_into_windows_and_stitched_back_without_dropping_
     assert logits[0, :, 1].long().tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]  # most context (ties: the earlier)
     assert logits[1, 0, 0].item() == tokenizer("hi", add_special_tokens=False)["input_ids"][0]
     assert logits[1, 1:].abs().sum() == 0  # padding words of the short sentence
+
+
+# ------------------------------------------------------------------------------------------ label_all_tokens
+class Fixed(torch.nn.Module):
+    """A stand-in model with fixed random logits over 5 tags at every position."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return SimpleNamespace(logits=torch.randn(*input_ids.shape, 5, generator=generator))
+
+
+def test_label_all_tokens_labels_every_sub_token_and_predictions_read_the_first(tokenizer, tmp_path):
+    words = ("@paulwalk", "loves", "Kraków-Saldaña", "!")
+    pieces = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
+    assert pieces[0] == 3 and pieces[2] == 4 and pieces[1] == pieces[3] == 1  # two words of several sub-tokens
+    train = ("".join(f"{w}\t{t}\n" for w, t in zip(words, ("B-PER", "O", "B-LOC", "O")))
+             + "\nBob\tB-PER\nSmith\tI-PER\n\nNew\tB-LOC\nYork\tI-LOC\n")
+    dev = "Ann\tB-PER\nin\tO\nRome\tB-LOC\nCity\tI-LOC\n"
+    plain = TASK.load_datasets(_config(tmp_path, train, dev=dev))
+    data = TASK.load_datasets(_config(tmp_path, train, dev=dev, label_all_tokens=True))
+    tags = data.vocabulary
+    assert tags.names == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert data.train[0].piece_tags == ("I-PER", "O", "I-LOC", "O") and data.dev[0].piece_tags is None
+    O, B_LOC, I_LOC, B_PER, I_PER = range(5)
+    targets = TASK.targets(data.train[:1], tags, "train")
+    assert targets == [([B_PER, O, B_LOC, O], [I_PER, O, I_LOC, O])]
+    assert TASK.targets(data.dev, tags, "dev") == [[B_PER, O, B_LOC, I_LOC]]  # evaluation: one tag per word
+
+    def logits(sentences):
+        batch = TASK.collate(tokenizer, TASK.encode(tokenizer, sentences, 32))
+        return TASK.logits(TASK.forward(Fixed(), batch)), Fixed()(batch["input_ids"]).logits[0]
+
+    stitched, window = logits(data.train[:1])
+    # the loss: every sub-token's cross-entropy against its tag (B-PER I-PER I-PER | O | B-LOC I-LOC ... | O), summed
+    # over the sentence and divided by its 4 words
+    per_piece = [B_PER, I_PER, I_PER, O, B_LOC, *[I_LOC] * (pieces[2] - 1), O]
+    expected = torch.nn.functional.cross_entropy(window[1:1 + len(per_piece)], torch.tensor(per_piece),
+                                                 reduction="sum") / 4
+    assert TASK.loss_sum(stitched, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+    # predictions read the first sub-token of each word, as without the option
+    first, _ = logits(plain.train[:1])
+    assert first.shape[1] == 4 and torch.equal(stitched[:, :4], first)
+    assert TASK.metrics(stitched, targets, tags)["accuracy"] == TASK.metrics(first, [targets[0][0]], tags)["accuracy"]
+
+
+def test_label_all_tokens_continuation_tags_per_scheme():
+    iob2 = T.TagSet(["O", "B-PER", "I-PER", "B-LOC"])
+    assert [iob2.continuation(t) for t in ("B-PER", "I-PER", "O", "B-LOC")] == ["I-PER", "I-PER", "O", "B-LOC"]
+    bioes = T.TagSet(["O", "B-PER", "I-PER", "E-PER", "S-PER"], "BIOES")
+    assert [bioes.continuation(t) for t in ("B-PER", "I-PER", "E-PER", "S-PER")] == ["I-PER", "I-PER", "E-PER", "S-PER"]
+    with pytest.raises(ValueError, match="label_all_tokens is for task token-classification"):
+        RunConfig.model_validate({"train_file": "x.csv", "label_all_tokens": True})
+
+
+# --------------------------------------------------------------------------------------------- eval / info
+def test_eval_reports_windowed_sentences_and_info_shows_the_detected_scheme(tmp_path, capsys):
+    from peftkit.cli import main
+    from peftkit.train.run import Run
+
+    from serve_tag_helpers import make_tag_run
+
+    tags = ["O", "B-PER", "I-PER", "E-PER", "S-PER"]
+    run = make_tag_run(tmp_path / "run", tiny_model_dir(tmp_path), seed=1, tags=tags, max_length=8)
+    (run / "tags.json").write_text(json.dumps({"tags": tags, "scheme": "BIOES", "strict": True}))  # as detected
+    data = tmp_path / "dev.conll"  # 12 words need windows of 6 sub-tokens; "Bob runs" fits in one
+    long = ["Alice", "Smith"] + ["and"] * 9 + ["Bob"]
+    data.write_text("".join(f"{w}\t{t}\n" for w, t in zip(long, ["B-PER", "E-PER"] + ["O"] * 9 + ["S-PER"]))
+                    + "\nBob\tS-PER\nruns\tO\n", encoding="utf-8")
+    assert Run(run).evaluate(data)["windowed_sentences"] == {"sentences": 2, "windowed": 1}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(data)]) == 0
+    assert "windowed sentences 1 of 2" in capsys.readouterr().out
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "tag_scheme: BIOES" in out and "auto" not in out  # the run config says auto; tags.json what was detected

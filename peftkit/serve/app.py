@@ -47,7 +47,9 @@ class Metrics:
                                     registry=self.registry)
         self.batch_adapters = Histogram("peftkit_batch_adapters", "different adapters in one forward pass",
                                         buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
-        self.classified = Counter("peftkit_texts_classified", "texts classified", ["adapter"], registry=self.registry)
+        # one counter for every task's texts (classified, tagged, ...), told apart by the task label
+        self.texts = Counter("peftkit_texts", "texts answered, per adapter and task", ["adapter", "task"],
+                             registry=self.registry)
         self.adapters = Gauge("peftkit_adapters_loaded", "adapters in memory", registry=self.registry)
 
 
@@ -183,7 +185,7 @@ def _route(app: FastAPI, served: ServedModel, task, schema, limits: Limits, metr
         if failed is not None:
             return _row_error(failed, endpoint)
         answer = task.response(body.adapter, outputs, labels, served.vocabulary_of(body.adapter))
-        metrics.classified.labels(body.adapter).inc(len(rows))
+        metrics.texts.labels(body.adapter, task.name).inc(len(rows))
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return answer

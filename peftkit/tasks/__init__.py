@@ -181,6 +181,16 @@ class Task:
         """The task's own settings of a run, shown by ``peftkit info`` (classification: the pooling)."""
         return {}
 
+    def vocabulary_settings(self, vocabulary) -> dict:
+        """Settings resolved at training time and kept with the vocabulary, shown by ``peftkit info`` over the
+        configured ones (token-classification: the detected tag scheme instead of ``auto``)."""
+        return {}
+
+    def encoding_report(self, features: Sequence[dict]) -> dict:
+        """Facts about how a file's examples were encoded, added to ``peftkit eval``'s result (token-classification:
+        how many sentences were split into windows)."""
+        return {}
+
     def info(self, report: dict) -> dict:
         """Headline results of a finished run for ``peftkit info`` and the server's adapter list."""
         return {}

@@ -12,6 +12,13 @@ per window; ``logits`` stitches the rows back into one row of word logits per se
 zero-padded), which is what ``loss_sum``, ``gather``, ``metrics`` and ``prediction_rows`` see. The loss of a
 sentence is the mean cross-entropy over its words; sentences are then summed like classification's examples.
 
+``label_all_tokens: true`` labels the other sub-tokens of a word too (``TagSet.continuation``: ``I-x`` for a ``B-x``
+word, otherwise the word's own tag) in the training sentences: their targets are (word tags, sub-token tags) and
+``logits`` appends, per word, the summed log-probabilities of its other sub-tokens after the word logits
+([sentences, 2 x words, tags]), so that ``loss_sum`` adds each such sub-token's cross-entropy to its sentence's
+(every labelled sub-token weighs the same; the sum is still divided by the number of words). Evaluation and
+predictions read the first sub-token of each word only, with or without the option.
+
 Predictions are entity spans ``{text, type, start, end, score}``: character offsets into the input text (for
 ``--text``: the text as given; for a file: its words joined by single spaces), ``score`` the mean over the span's
 words of the probability of each word's predicted tag.
@@ -20,6 +27,7 @@ words of the probability of each word's predicted tag.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -91,6 +99,8 @@ class TokenClassification(Task):
             random.Random(config.seed).shuffle(order)
             take = max(1, int(round(len(train) * config.dev_split))) if len(train) > 1 else 0
             splits["dev"], train = [train[i] for i in order[:take]], [train[i] for i in order[take:]]
+        if config.label_all_tokens:  # training sentences only: evaluation reads each word's first sub-token
+            train = [replace(s, piece_tags=tuple(tags.continuation(t) for t in s.tags)) for s in train]
         return Datasets(tags, train, splits["dev"], splits["test"])
 
     def inputs(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[T.Sentence]:
@@ -107,8 +117,11 @@ class TokenClassification(Task):
     def names(self, vocabulary: T.TagSet) -> list[str]:
         return vocabulary.names
 
-    def targets(self, examples: Sequence[T.Sentence], vocabulary: T.TagSet, source: str) -> list[list[int]]:
-        return vocabulary.ids(examples, source)
+    def targets(self, examples: Sequence[T.Sentence], vocabulary: T.TagSet, source: str) -> list:
+        """One tag id per word; with ``label_all_tokens`` (``piece_tags`` set): (those, the sub-token tag ids)."""
+        words = vocabulary.ids(examples, source)
+        return [ids if s.piece_tags is None else (ids, [vocabulary.index[t] for t in s.piece_tags])
+                for ids, s in zip(words, examples)]
 
     # -- batches -------------------------------------------------------------------------------------------
     def encode(self, tokenizer, examples: Sequence[T.Sentence], max_length: int) -> list[dict]:
@@ -124,11 +137,12 @@ class TokenClassification(Task):
             spans, best = T.windows(lengths, budget)
             # input_ids: all sub-tokens (their count orders batches by length); collate cuts the windows
             features.append({"input_ids": [i for p in pieces for i in p], "lengths": lengths, "spans": spans,
-                             "best": best, "special": (prefix, suffix)})
+                             "best": best, "special": (prefix, suffix), "all_pieces": sentence.piece_tags is not None})
         return features
 
     def collate(self, tokenizer, features: Sequence[dict]) -> dict:
         rows, sentence, word, row, position, owner = [], [], [], [], [], []
+        pieces: list[tuple[int, int, int, int]] = []  # label_all_tokens: (sentence, word, row, position) of the rest
         for s, feature in enumerate(features):
             prefix, suffix = feature["special"]
             starts = [0]
@@ -141,6 +155,8 @@ class TokenClassification(Task):
             for w, window in enumerate(feature["best"]):
                 sentence.append(s), word.append(w), row.append(first_row + window)
                 position.append(len(prefix) + starts[w] - starts[feature["spans"][window][0]])
+                if feature.get("all_pieces"):
+                    pieces += [(s, w, row[-1], position[-1] + k) for k in range(1, feature["lengths"][w])]
         if not rows:  # only empty texts: one row of special tokens keeps the model's forward well-formed
             rows.append({"input_ids": list(features[0]["special"][0] + features[0]["special"][1])} if features
                         else {"input_ids": [0]})
@@ -150,6 +166,8 @@ class TokenClassification(Task):
         batch[PLAN] = {"sentences": len(features), "width": width, "owner": owner,
                        **{k: torch.tensor(v, dtype=torch.long) for k, v in
                           (("sentence", sentence), ("word", word), ("row", row), ("position", position))}}
+        if any(f.get("all_pieces") for f in features):
+            batch[PLAN]["pieces"] = torch.tensor(pieces, dtype=torch.long).reshape(-1, 4).T
         return batch
 
     def forward(self, model: nn.Module, batch: dict, **kwargs) -> TokenOutputs:
@@ -164,13 +182,27 @@ class TokenClassification(Task):
         plan, window = outputs.plan, outputs.raw.logits
         words = window.new_zeros(plan["sentences"], plan["width"], window.shape[-1])
         words[plan["sentence"], plan["word"]] = window[plan["row"], plan["position"]]
-        return words
+        if "pieces" not in plan:
+            return words
+        # label_all_tokens: per word, the summed log-probabilities of its other sub-tokens, after the word logits
+        sentence, word, row, position = plan["pieces"]
+        summed = window.new_zeros(words.shape, dtype=torch.float32)
+        summed.index_put_((sentence, word), torch.log_softmax(window[row, position].float(), -1), accumulate=True)
+        return torch.cat([words.float(), summed], 1)
 
-    def loss_sum(self, logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
-        target = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    def loss_sum(self, logits: torch.Tensor, targets: Sequence) -> torch.Tensor:
+        all_pieces = any(isinstance(t, tuple) for t in targets)
+        width = logits.shape[1] // 2 if all_pieces else logits.shape[1]
+        target = torch.full((logits.shape[0], width), -100, dtype=torch.long)
+        piece_target = torch.zeros_like(target)
         for i, tags in enumerate(targets):
-            target[i, :len(tags)] = torch.as_tensor(list(tags), dtype=torch.long)
-        per_word = nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+            words, rest = tags if isinstance(tags, tuple) else (tags, None)
+            target[i, :len(words)] = torch.as_tensor(list(words), dtype=torch.long)
+            if rest is not None:
+                piece_target[i, :len(rest)] = torch.as_tensor(list(rest), dtype=torch.long)
+        per_word = nn.functional.cross_entropy(logits[:, :width].float().transpose(1, 2), target, reduction="none")
+        if all_pieces:  # minus the summed log-probability of each word's sub-token tag (0 for a one-piece word)
+            per_word = per_word - logits[:, width:].float().gather(-1, piece_target[..., None])[..., 0]
         counts = (target != -100).sum(1).clamp(min=1)
         return (per_word.sum(1) / counts).sum()
 
@@ -188,7 +220,7 @@ class TokenClassification(Task):
     def metrics(self, logits: torch.Tensor, targets: Sequence[Sequence[int]], vocabulary: T.TagSet) -> dict:
         from .token_metrics import scores
 
-        targets = [list(t) for t in targets]
+        targets = [list(t[0] if isinstance(t, tuple) else t) for t in targets]
         predicted = [logits[i, :len(t)].argmax(-1).tolist() for i, t in enumerate(targets)]
         result = scores(targets, predicted, vocabulary)
         result["loss"] = float(self.loss_sum(logits, targets)) / len(targets) if targets else float("nan")
@@ -201,15 +233,23 @@ class TokenClassification(Task):
             sentences = getattr(datasets, split)
             if sentences:
                 features = self.encode(tokenizer, sentences, config.max_length)
-                counts[split] = {"sentences": len(sentences), "windowed": sum(len(f["spans"]) > 1 for f in features)}
+                counts[split] = self.encoding_report(features)["windowed_sentences"]
         if any(c["windowed"] for c in counts.values()):
             say("sentences longer than max_length, split into overlapping windows: "
                 + ", ".join(f"{split} {c['windowed']} of {c['sentences']}" for split, c in counts.items()))
         return {"windowed_sentences": counts}
 
+    def encoding_report(self, features: Sequence[dict]) -> dict:
+        windowed = sum(len(f["spans"]) > 1 for f in features)
+        return {"windowed_sentences": {"sentences": len(features), "windowed": windowed}}
+
     def summary(self, result: dict) -> str:
-        return (f"entity F1 {result['f1']:.4f}   precision {result['precision']:.4f}   recall {result['recall']:.4f}   "
+        line = (f"entity F1 {result['f1']:.4f}   precision {result['precision']:.4f}   recall {result['recall']:.4f}   "
                 f"macro-F1 {result['macro_f1']:.4f}   word accuracy {result['accuracy']:.4f}")
+        windowed = result.get("windowed_sentences")  # peftkit eval: how the file's sentences were encoded
+        if windowed:
+            line += f"   windowed sentences {windowed['windowed']} of {windowed['sentences']}"
+        return line
 
     def plots(self, report: dict, vocabulary: T.TagSet, directory: Path) -> None:
         from .classification_metrics import plot_confusion
@@ -220,7 +260,11 @@ class TokenClassification(Task):
                                directory / f"confusion_{split}.png", f"entity types ({split})")
 
     def settings(self, config) -> dict:
-        return {"tag_scheme": config.tag_scheme, "strict_tags": config.strict_tags}
+        return {"tag_scheme": config.tag_scheme, "strict_tags": config.strict_tags,
+                "label_all_tokens": config.label_all_tokens}
+
+    def vocabulary_settings(self, vocabulary: T.TagSet) -> dict:
+        return {"tag_scheme": vocabulary.scheme, "strict_tags": vocabulary.strict}  # tags.json: as detected in training
 
     def info(self, report: dict) -> dict:
         return {f"{split} entity F1": round(report[split]["f1"], 4) for split in ("dev", "test") if split in report}

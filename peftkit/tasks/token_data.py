@@ -36,6 +36,8 @@ class Sentence:
     lines: tuple[int, ...]  # 1-based line of each word (JSONL: the row's line for every word)
     text: str | None = None  # the raw text the words were split from (``--text``), else None
     offsets: tuple[tuple[int, int], ...] | None = None  # character [start, end) of each word in ``text``
+    # label_all_tokens (training sentences only): the tag of every sub-token after a word's first, per word
+    piece_tags: tuple[str, ...] | None = None
 
     @property
     def line(self) -> int:
@@ -209,6 +211,14 @@ class TagSet:
                                     f"(training tags: {', '.join(self.names)}); fix it or add examples of it to train")
             out.append([self.index[tag] for tag in sentence.tags])
         return out
+
+    def continuation(self, tag: str) -> str:
+        """The tag of a word's sub-tokens after its first (``label_all_tokens``): ``I-x`` for a ``B-x`` word when the
+        tag set has ``I-x``; any other tag is repeated (BIOES: the pieces of an ``E-x`` or ``S-x`` word stay ``E-x``
+        / ``S-x``, of an ``I-x`` word ``I-x``; the rule of transformers' ``run_ner.py``)."""
+        prefix, kind = _split_tag(tag)
+        inside = f"I-{kind}"
+        return inside if prefix == "B" and inside in self.index else tag
 
     @property
     def types(self) -> list[str]:

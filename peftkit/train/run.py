@@ -56,10 +56,12 @@ class Run(RunFolder):
         """Outputs for raw texts (and second texts of pairs): what ``peftkit predict --text`` computes."""
         return self.outputs(self.task.inputs(texts, pairs), batch_size)
 
-    def evaluate(self, path: str | Path) -> dict:
+    def evaluate(self, path: str | Path, batch_size: int = 64) -> dict:
         examples = self.read_file(path, labelled=True)
         targets = self.task.targets(examples, self.vocabulary, str(path))
-        return self.task.metrics(self.logits(examples), targets, self.vocabulary)
+        features = self.task.encode(self.tokenizer, examples, self.config.max_length)
+        logits = no_grad_forward(self.task, self.model, self.tokenizer, features, batch_size)
+        return {**self.task.metrics(logits, targets, self.vocabulary), **self.task.encoding_report(features)}
 
     def predict(self, examples: Sequence) -> list[dict]:
         """The rows ``peftkit predict`` prints or writes."""
@@ -98,7 +100,8 @@ class Run(RunFolder):
     def info(self) -> dict:
         report = self.report
         out = {"run": str(self.path), "task": self.task.name, "method": self.config.method,
-               "base model": self.config.model, **self.task.settings(self.config)}
+               "base model": self.config.model, **self.task.settings(self.config),
+               **self.task.vocabulary_settings(self.vocabulary)}
         names = self.task.names(self.vocabulary)
         if names:  # a task without a label set (causal-lm) shows no labels line
             out["labels"] = names

@@ -60,6 +60,8 @@ class TaskKeys(BaseModel):
     # token-classification
     tag_scheme: Literal["auto", "IOB2", "BIOES"] = Field("auto", description="token-classification: tags (auto: detected)")
     strict_tags: bool = Field(True, description="token-classification: invalid tag transitions are errors; seqeval strict mode")
+    label_all_tokens: bool = Field(False, description="token-classification: train on every sub-token of a word (B-x "
+                                   "-> I-x after the first), not only the first; predictions read the first")
     # classification: out-of-scope rejection
     ood: OodSection | None = Field(None, description="classification: reject out-of-scope inputs (set any ood.* key, or ood: true)")
     ood_dev_file: str | None = Field(None, description="classification: calibration file with in-scope and out-of-scope "
@@ -83,6 +85,8 @@ class TaskKeys(BaseModel):
         task = getattr(self, "task", "classification")
         if self.ood is not None and task != "classification":
             raise ValueError(f"ood: out-of-scope rejection is for task classification, not {task!r}; drop the ood settings")
+        if self.label_all_tokens and task != "token-classification":
+            raise ValueError(f"label_all_tokens is for task token-classification, not {task!r}; drop it")
         if self.ood_dev_file is not None and self.ood is None:
             raise ValueError("ood_dev_file: set ood (e.g. ood.in_scope_precision 0.95) to use a calibration file")
         if self.ood is not None and self.ood.in_scope_precision is not None and self.ood_dev_file is None:
