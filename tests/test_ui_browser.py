@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ui_fixtures import ARTIFACTS, UiProcess, browser_or_fail, make_runs
+from ui_fixtures import ARTIFACTS, ServeProcess, UiProcess, browser_or_fail, make_runs
 from ui_helpers import report
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra: pip install -e '.[test]'")
@@ -107,15 +107,9 @@ def test_search_page_shows_trials_best_trial_and_history(site):
 
 
 def test_try_it_gives_the_label_of_peftkit_predict(site, capsys):
-    from peftkit.cli import main
-
     runs, url, page = site
     text = "my card was stolen please block it"
-    expected = {}
-    for name in ("r4", "r8"):
-        capsys.readouterr()
-        assert main(["predict", "--run", str(runs / name), "--text", text]) == 0
-        expected[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"]
+    expected = predicted_labels(runs, text, capsys)
     page.goto(url + "/try")
     page.fill("#try-text", text)
     page.check('input[value="r4"]')
@@ -125,6 +119,41 @@ def test_try_it_gives_the_label_of_peftkit_predict(site, capsys):
     shot(page, "try")
     for name in ("r4", "r8"):
         assert page.locator(f'#answers tr[data-run="{name}"] td.label').inner_text() == expected[name]
+
+
+def predicted_labels(runs, text: str, capsys) -> dict[str, str]:
+    """What `peftkit predict --run <run> --text <text>` prints as the label, per run."""
+    from peftkit.cli import main
+
+    labels = {}
+    for name in ("r4", "r8"):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(runs / name), "--text", text]) == 0
+        labels[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"]
+    return labels
+
+
+def test_try_it_through_a_running_server_gives_the_label_of_peftkit_predict(site, capsys):
+    runs, _, page = site
+    text = "when do you open on sunday"
+    expected = predicted_labels(runs, text, capsys)
+    server = ServeProcess(runs.parent / "tiny-bert", runs)
+    try:
+        ui = UiProcess(runs, "--server", server.url)
+        try:
+            page.goto(ui.url + "/try")
+            assert server.url in page.inner_text("#try-form")
+            page.fill("#try-text", text)
+            page.check('input[value="r4"]')
+            page.check('input[value="r8"]')
+            page.click("#try-submit")
+            page.wait_for_selector("#answers")
+            for name in ("r4", "r8"):
+                assert page.locator(f'#answers tr[data-run="{name}"] td.label').inner_text() == expected[name]
+        finally:
+            ui.stop()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("path", ["/run?p=../..", "/run?p=%2E%2E%2F%2E%2E%2Fetc", "/file?p=/etc/passwd",

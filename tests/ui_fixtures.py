@@ -21,8 +21,8 @@ ARTIFACTS = ROOT / "test-artifacts" / "ui"
 
 def make_runs(root: Path) -> Path:
     """root/runs with runs r4 and r8 and a search folder study/ (summary.json as `peftkit search` writes it)."""
-    first = train_run(root, "r4", lora={"r": 4})
-    second = train_run(root, "r8", lora={"r": 8}, learning_rate=1e-3)
+    first = train_run(root, "r4", lora={"r": 4}, learning_rate=5e-3, epochs=3)
+    second = train_run(root, "r8", lora={"r": 8}, learning_rate=1e-2, epochs=3)
     study = root / "runs" / "study"
     study.mkdir()
     trials = [{"number": i, "state": "COMPLETE", "params": {"lora.r": r}, "values": [report(run)["dev"]["accuracy"] + i * 0.01],
@@ -76,3 +76,26 @@ def browser_or_fail(playwright):
         pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package "
                     "(`sudo apt-get install -y chromium`, which `make install-test` runs)")
     return playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+
+
+class ServeProcess(UiProcess):
+    """`peftkit serve` of the tiny base with the runs folder's adapters."""
+
+    def __init__(self, base: Path, adapters: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+        self.process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters",
+                                         str(adapters), "--port", str(self.port), "--pooling", "mean"], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"peftkit serve exited: {self.process.stdout.read().decode()}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("peftkit serve did not answer within 120 s")
