@@ -9,7 +9,6 @@ import pytest
 
 from ui_helpers import report, train_run
 
-pytest.importorskip("mlflow", reason="the tracking extra: pip install -e '.[tracking]'")
 
 
 def _client(uri: str):

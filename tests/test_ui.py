@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from peftkit.ui.app import create_app  # noqa: E402
+from peftkit.ui.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

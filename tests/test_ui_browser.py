@@ -11,7 +11,17 @@ import pytest
 from ui_fixtures import ARTIFACTS, ServeProcess, UiProcess, browser_or_fail, make_runs
 from ui_helpers import report
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra: pip install -e '.[test]'")
+try:  # never a silent skip: without playwright the browser tests fail with the fix
+    from playwright import sync_api
+except ImportError:  # pragma: no cover
+    sync_api = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _playwright_installed():
+    if sync_api is None:
+        pytest.fail("playwright is missing: pip install -e '.[test]' (make install-test), then the browser tests run "
+                    "Debian's chromium")
 
 
 @pytest.fixture(scope="module")
