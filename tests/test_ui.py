@@ -119,3 +119,29 @@ def test_binds_to_localhost_by_default():
     add_arguments(parser)
     args = parser.parse_args([])
     assert (args.host, args.port, args.runs) == ("127.0.0.1", 7860, "runs")
+
+
+def test_ner_run_shows_per_entity_type_table_and_matrix(tmp_path):
+    runs = tmp_path / "runs"
+    matrix = [[5, 1, 0], [0, 3, 2], [1, 0, 4]]
+    fake_run(runs / "ner", report={"metric_for_best_model": "f1", "labels": ["B-LOC", "I-LOC", "O"],
+                                   "dev": {"f1": 0.7, "per_type": {"LOC": {"precision": 0.8, "recall": 0.6, "f1-score": 0.69,
+                                                                           "support": 10}},
+                                           "entity_types": ["LOC", "PER", "O"], "confusion_matrix": matrix}})
+    html = TestClient(create_app(runs)).get("/run?p=ner").text
+    assert "<th>entity type</th>" in html and "<td>LOC</td><td>0.8</td><td>0.6</td>" in html
+    cells = [int(v) for v in __import__("re").findall(r'class="cell" data-row="\d" data-col="\d" data-value="(\d+)"', html)]
+    assert cells == [v for row in matrix for v in row]
+    assert ">PER</text>" in html  # the matrix is labelled by entity type, not by tag
+
+
+def test_causal_lm_run_shows_base_vs_adapted_and_generations(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "lm", report={"metric_for_best_model": "perplexity",
+                                  "dev": {"loss": 1.5, "perplexity": 4.48}, "base_dev": {"loss": 2.5, "perplexity": 12.18},
+                                  "generation": {"base": {"rougeL": 0.1}, "adapted": {"rougeL": 0.4},
+                                                 "examples": [{"prompt": "2+2?", "reference": "4", "base": "five <b>",
+                                                               "adapted": "4"}]}})
+    html = TestClient(create_app(runs)).get("/run?p=lm").text
+    assert "<tr><th>perplexity</th><td>12.18</td><td>4.48</td></tr>" in html
+    assert "<td>2+2?</td><td>4</td><td>five &lt;b&gt;</td><td>4</td>" in html  # escaped, side by side

@@ -114,6 +114,29 @@ def test_search_page_shows_trials_best_trial_and_history(site):
     assert page.locator("#trials tr").count() == 1 + len(summary["trials"])
     assert "best trial 001" in page.locator("#best").inner_text()
     assert page.locator("#search-history circle.point").count() == 2 * len(summary["trials"])  # values + best so far
+    image = page.locator('img[alt="study/plots/importances.png"]')
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0  # served from the study folder and drawn
+
+
+def test_runs_table_picks_up_a_run_that_starts_training(site):
+    import os
+    import shutil
+    import socket
+    import time
+
+    runs, url, page = site
+    page.goto(url + "/")
+    late = runs / "late"
+    late.mkdir()
+    try:
+        (late / "config.yaml").write_text("method: dora\nmodel: tiny-bert\n", encoding="utf-8")
+        (late / "live.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                                                    "step": 3, "total_steps": 12, "started": time.time(),
+                                                    "history": []}), encoding="utf-8")
+        row = page.wait_for_selector('#runs tbody tr[data-run="late"]', timeout=20000)  # no reload: the page polls
+        assert "running (3/12)" in row.inner_text() and "dora" in row.inner_text()
+    finally:
+        shutil.rmtree(late)
 
 
 def test_try_it_gives_the_label_of_peftkit_predict(site, capsys):
