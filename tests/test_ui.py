@@ -145,3 +145,13 @@ def test_causal_lm_run_shows_base_vs_adapted_and_generations(tmp_path):
     html = TestClient(create_app(runs)).get("/run?p=lm").text
     assert "<tr><th>perplexity</th><td>12.18</td><td>4.48</td></tr>" in html
     assert "<td>2+2?</td><td>4</td><td>five &lt;b&gt;</td><td>4</td>" in html  # escaped, side by side
+
+
+def test_bound_to_localhost_it_answers_only_local_host_names(tmp_path):
+    from peftkit.ui.app import LOCAL_HOSTS
+
+    fake_run(tmp_path / "runs" / "done", report={"dev": {"accuracy": 0.5}})
+    app = create_app(tmp_path / "runs", allowed_hosts=LOCAL_HOSTS)
+    assert TestClient(app, base_url="http://127.0.0.1:7860").get("/api/runs").status_code == 200
+    assert TestClient(app, base_url="http://localhost:7860").get("/").status_code == 200
+    assert TestClient(app, base_url="http://attacker.example").get("/api/runs").status_code == 400  # DNS rebinding

@@ -21,10 +21,19 @@ SERVED_FILES = {".png": "image/png", ".svg": "image/svg+xml"}  # what /file hand
 MAX_TEXT = 5000
 
 
-def create_app(runs_root: str | Path, server: str | None = None) -> FastAPI:
+LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def create_app(runs_root: str | Path, server: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """``allowed_hosts``: the Host headers answered (bound to 127.0.0.1: ``LOCAL_HOSTS``, so that a web page a browser
+    opens elsewhere cannot read the runs through DNS rebinding); None: any."""
     store = Store(runs_root)
     local, remote = InProcess(), (Remote(server) if server else None)
     app = FastAPI(title="peftkit ui", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(Refused)

@@ -22,14 +22,15 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .app import create_app
+    from .app import LOCAL_HOSTS, create_app
 
     if not Path(args.runs).is_dir():
         raise FileNotFoundError(f"--runs {args.runs}: no such folder; give the folder your runs are written to "
                                 "(output_dir of peftkit train, or a parent of several)")
     if args.server is not None and not args.server.startswith(("http://", "https://")):
         raise ValueError(f"--server {args.server!r}: give a URL such as http://127.0.0.1:8000")
-    app = create_app(args.runs, args.server)
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    app = create_app(args.runs, args.server, allowed_hosts=LOCAL_HOSTS if local else None)
     print(f"peftkit ui on http://{args.host}:{args.port} (runs: {Path(args.runs).resolve()})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
