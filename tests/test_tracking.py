@@ -84,3 +84,12 @@ def test_report_to_rejects_an_unknown_tracker():
 
     with pytest.raises(ValidationError, match="tensorboard"):
         RunConfig.model_validate({"train_file": "x.csv", "report_to": ["wandb"]})
+
+
+def test_report_to_mlflow_without_mlflow_installed_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    train_run(tmp_path, "no-mlflow", exit_code=2, report_to="mlflow")
+    assert "pip install 'peftkit[tracking]'" in capsys.readouterr().err

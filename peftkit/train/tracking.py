@@ -49,7 +49,13 @@ class MLflow:
     """One MLflow run per training run (the client API: no global active run is touched)."""
 
     def __init__(self, folder, config) -> None:
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            from ..config import ConfigError
+
+            raise ConfigError("report_to: mlflow needs MLflow: pip install 'peftkit[tracking]' (or drop mlflow from "
+                              "report_to)") from None
 
         self.folder = folder
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(folder.path / MLFLOW_DB).resolve()}"
@@ -109,9 +115,9 @@ class Trackers:
 
     def __init__(self, config, folder, history: Callable[[], list], total_steps: int, enabled: bool = True) -> None:
         report_to = set(getattr(config, "report_to", ["tensorboard"]))
+        self.mlflow = MLflow(folder, config) if enabled and "mlflow" in report_to else None  # first: it may refuse
         self.board = TensorBoard(folder.tensorboard_dir, enabled=enabled and "tensorboard" in report_to)
         self.live = Live(folder.path / LIVE_FILE, history, total_steps) if enabled else None
-        self.mlflow = MLflow(folder, config) if enabled and "mlflow" in report_to else None
         self.finished = False
         if self.live:
             self.live.write("running", force=True)
