@@ -155,3 +155,26 @@ def test_bound_to_localhost_it_answers_only_local_host_names(tmp_path):
     assert TestClient(app, base_url="http://127.0.0.1:7860").get("/api/runs").status_code == 200
     assert TestClient(app, base_url="http://localhost:7860").get("/").status_code == 200
     assert TestClient(app, base_url="http://attacker.example").get("/api/runs").status_code == 400  # DNS rebinding
+
+
+def test_try_it_on_a_causal_lm_run_answers_what_peftkit_generate_answers(tmp_path, monkeypatch, capsys):
+    import re
+    from html import unescape
+
+    from causal_helpers import chat_rows, tiny_chat_model, write_jsonl
+    from peftkit.cli import main
+
+    folder = tiny_chat_model(tmp_path / "tiny")
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(folder), "--task", "causal-lm", "--train_file", "train.jsonl", "--output_dir",
+                 "runs/lm", "--max_steps", "12", "--batch_size", "8", "--learning_rate", "2e-2", "--quiet", "true",
+                 "--eval_generations", "0", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run", "runs/lm", "--prompt", "hello there", "--max_new_tokens", "64"]) == 0
+    expected = capsys.readouterr().out.strip()
+    assert expected  # the tiny model says something
+    html = TestClient(create_app(tmp_path / "runs")).get("/try", params={"text": "hello there", "runs": ["lm"]}).text
+    (answer,) = re.findall(r'<td class="label">(.*?)</td>', html, re.S)
+    assert unescape(answer).strip() == expected
+    assert "&quot;finish_reason&quot;" in html  # the whole row of peftkit generate, in the details

@@ -32,11 +32,28 @@ class InProcess:
         return self._runs[path]
 
     def predict(self, path: Path, text: str) -> dict:
-        """``{"label": ..., "row": the row peftkit predict prints}`` (a task without labels: its own row keys)."""
+        """``{"label": ..., "row": the row peftkit predict (or generate) prints}``."""
         with self._lock:
             run = self._run(path)
-            row = run.predict(run.task.inputs([text], None))[0]
+            row = ANSWERS.get(run.task.name, _predicted)(run, text)
         return {"label": answer_of(row), "row": row}
+
+
+def _predicted(run, text: str) -> dict:
+    return run.predict(run.task.inputs([text], None))[0]
+
+
+def _generated(run, text: str) -> dict:
+    """A greedy answer, as ``peftkit generate --run RUN --prompt TEXT --max_new_tokens 64`` gives it."""
+    from ..tasks.causal_lm_generate import Sampling
+    from ..train.generate import generate_rows, prompt_messages
+
+    return generate_rows(run, [prompt_messages(run, text)], Sampling(max_new_tokens=GENERATED_TOKENS))[0]
+
+
+#: how the try-it box answers for a task (default: the rows of ``peftkit predict``)
+ANSWERS = {"causal-lm": _generated}
+GENERATED_TOKENS = 64
 
 
 def answer_of(row: dict) -> str:
@@ -45,7 +62,7 @@ def answer_of(row: dict) -> str:
         return str(row["label"])
     if "entities" in row:
         return ", ".join(f'{e.get("text")} ({e.get("type")})' for e in row["entities"]) or "(no entities)"
-    for key in ("answer", "text", "completion"):
+    for key in ("completion", "answer", "text"):
         if key in row:
             return str(row[key])
     return json.dumps(row, ensure_ascii=False)[:200]
