@@ -49,11 +49,13 @@ def test_mlflow_default_store_in_the_run_folder_holds_params_steps_and_artifacts
 def test_mlflow_tracking_uri_from_the_environment_and_no_tensorboard(tmp_path, monkeypatch):
     store = tmp_path / "shared.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path)  # MLflow's own default for the artifacts of such a store: ./mlruns
     run = train_run(tmp_path, "elsewhere", report_to="mlflow")
     assert store.is_file() and not (run / "mlflow.db").exists()
     assert not (run / "tensorboard").exists()  # report_to without tensorboard writes no events
     client = _client(f"sqlite:///{store}")
     (found,) = client.search_runs([client.get_experiment_by_name("peftkit").experiment_id])
+    assert "report.json" in {a.path for a in client.list_artifacts(found.info.run_id)}
     assert found.data.metrics["train/loss"] == pytest.approx(
         [h for h in report(run)["history"] if "train_loss" in h][-1]["train_loss"])
 
