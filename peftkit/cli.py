@@ -187,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     monitor_arguments(monitor)
     monitor.set_defaults(handler=_monitor)
 
+    from .ui.command import HELP as UI_HELP, add_arguments as ui_arguments
+
+    ui = commands.add_parser("ui", help="a web page for runs, searches and served adapters", description=UI_HELP)
+    ui_arguments(ui)
+    ui.set_defaults(handler=_ui)
+
     commands.add_parser("search", help="hyper-parameter search with Optuna (see peftkit search --help)", add_help=False)
 
     info = commands.add_parser("info", help="what a run folder holds")
@@ -349,6 +355,15 @@ def _monitor(args, rest) -> int:
     try:
         return run(args)
     except (RuleError, MonitorError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _ui(args, rest) -> int:
+    from .ui.command import run
+
+    try:
+        return run(args)
+    except ValueError as err:
         raise UsageError(str(err)) from None
 
 

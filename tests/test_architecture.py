@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "peftkit"
 #: the layers, bottom up: a file may import from its own layer and the ones below
-LAYERS = {"core": 0, "tasks": 1, "train": 2, "search": 3, "serve": 4, "monitor": 4, "cli": 5}
+LAYERS = {"core": 0, "tasks": 1, "train": 2, "search": 3, "serve": 4, "monitor": 4, "ui": 5, "cli": 6}
 MAX_LINES = 420
 
 

@@ -73,6 +73,18 @@ class TaskKeys(BaseModel):
     positive_column: str = Field("positive", description="ranking: JSONL column with the relevant item(s) of a listwise row")
     negatives_column: str = Field("negatives", description="ranking: JSONL column with the list of non-relevant items")
 
+    # every task: where the scalars go while training (peftkit.train.tracking; live.json for `peftkit ui` always)
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], description="trackers: tensorboard and/or mlflow (MLFLOW_TRACKING_URI, default "
+        "sqlite in the run folder); none: neither")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value):
+        if isinstance(value, str):  # --report_to mlflow, or a comma-separated list
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return [] if value in (["none"], None) else value
+
     @field_validator("ood", mode="before")
     @classmethod
     def _ood_flag(cls, value):

@@ -31,7 +31,8 @@ from .evaluation import evaluate_and_keep_best
 from .folder import RunFolder, load_trained, no_grad_forward
 from .guards import StepGuard, check_savable
 from ..methods import get_method
-from .metrics import TensorBoard, plot_history
+from .metrics import plot_history
+from .tracking import Trackers
 from .setup import build_model, load_datasets, resolve_data, resolve_model, schedule
 
 
@@ -95,11 +96,12 @@ class Trainer:
         if self.env.main:
             self.folder.write_config(config)
             self.folder.write_vocabulary(self.task, datasets.vocabulary)
-        self.board = TensorBoard(self.folder.tensorboard_dir, enabled=self.env.main)
+        self.board = Trackers(config, self.folder, lambda: self.state["history"], self.total_steps, enabled=self.env.main)
         self.model.train()  # from_pretrained returns models in eval mode: dropout would be off
         try:
             self._loop()
             report = self._finish()
+            self.board.finish(report)
         finally:
             self.board.close()
             dist.shutdown(self.env)

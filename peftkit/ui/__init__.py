@@ -1,0 +1,1 @@
+"""``peftkit ui``: a web page over run folders and search studies (the layer above serve)."""
