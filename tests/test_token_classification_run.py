@@ -171,9 +171,9 @@ def test_peft_token_cls_adapter_loads_in_peftkit(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ slow: MiniLM
 WNUT = Path("/work/shared/data/wnut17")
-# An untrained token head finds no entity (F1 0); 100 LoRA steps on this slice should find most persons. The floor
-# is set low on purpose (seed and BLAS noise; dev is another domain than train): see the report of this change.
-F1_FLOOR = 0.15
+# An untrained token head finds no entity (F1 0). Measured once (seed 0, 100 steps): dev entity F1 0.51, person F1
+# 0.68; the floor leaves a wide margin for BLAS noise (dev is another domain than train).
+F1_FLOOR = 0.30
 
 
 def _dense_slice(source: str, target: Path, count: int) -> Path:
