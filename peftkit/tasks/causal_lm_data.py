@@ -52,18 +52,7 @@ class Columns:
 def read_conversations(path: str | Path, columns: Columns, labelled: bool = True) -> list[Conversation]:
     """Conversations of a .jsonl, .csv or .tsv file; with ``labelled`` each must end with an assistant answer."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind = D.FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .csv or .tsv")
-    try:
-        raw = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); save the file as UTF-8") from None
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
-    rows = D._jsonl_rows(path, raw) if kind == "jsonl" else D._delimited_rows(path, raw, "," if kind == "csv" else "\t")
+    rows = D.table_rows(path)
     out = [Conversation(tuple(_messages(f"{path}, line {line}", row, columns, labelled)), line) for line, row in rows]
     if not out:
         raise DataError(f"{path}: no data rows (only a header?)")

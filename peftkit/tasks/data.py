@@ -40,20 +40,7 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".jso
 def read_examples(path: str | Path, columns: Columns, labelled: bool = True) -> list[Example]:
     """Read a CSV, TSV or JSONL file into examples, checking every row."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
-    try:
-        raw = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({err.reason} at byte {err.start}); "
-                        "save the file as UTF-8") from None
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
-    rows = _jsonl_rows(path, raw) if kind == "jsonl" else _delimited_rows(path, raw, "," if kind == "csv" else "\t")
+    rows = table_rows(path)
     wanted = [c for c in (columns.text, columns.text_pair, columns.label if labelled else None) if c]
     examples = []
     for line, row in rows:
@@ -100,7 +87,34 @@ def _delimited_rows(path: Path, raw: str, delimiter: str):
         yield index, dict(zip(header, values))
 
 
-def _jsonl_rows(path: Path, raw: str):
+def table_rows(path: Path):
+    """(line number, row as a dict) of a .csv, .tsv or .jsonl file, every problem a ``DataError`` naming the file
+    and line."""
+    kind = FORMATS.get(path.suffix.lower())
+    if path.is_file() and kind is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    raw = read_text(path)
+    return jsonl_rows(path, raw) if kind == "jsonl" else _delimited_rows(path, raw, "," if kind == "csv" else "\t")
+
+
+def read_text(path: Path) -> str:
+    """A data file's text (UTF-8, a BOM allowed); a missing, undecodable or empty file is a ``DataError`` naming
+    the file (and the line of the first bad byte)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        raw = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                        "save the file as UTF-8") from None
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    return raw
+
+
+def jsonl_rows(path: Path, raw: str, fields: str = ""):
+    """(line number, object) of each non-blank JSON line; ``fields`` names what an object holds, for the message."""
     for index, text in enumerate(raw.splitlines(), start=1):
         if not text.strip():
             continue
@@ -109,7 +123,7 @@ def _jsonl_rows(path: Path, raw: str):
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {index}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {index}: each line must be a JSON object")
+            raise DataError(f"{path}, line {index}: each line must be a JSON object{' with ' + fields if fields else ''}")
         yield index, row
 
 

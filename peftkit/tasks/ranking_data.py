@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError, FORMATS, _delimited_rows, _jsonl_rows
+from .data import DataError, table_rows
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,7 @@ class RankColumns:
 
 
 def _rows(path: Path):
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .csv or .tsv")
-    try:
-        raw = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({err.reason}); save the file as UTF-8") from None
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
-    return _jsonl_rows(path, raw) if kind == "jsonl" else _delimited_rows(path, raw, "," if kind == "csv" else "\t")
+    return table_rows(path)
 
 
 def _text(value, where: str, what: str) -> str:

@@ -14,13 +14,12 @@ Every problem is a ``DataError`` naming the file and the line.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError
+from .data import DataError, jsonl_rows, read_text
 
 SCHEMES = ("IOB2", "BIOES")
 _PREFIXES = {"IOB2": ("B", "I"), "BIOES": ("B", "I", "E", "S")}
@@ -65,13 +64,7 @@ def split_words(text: str, line: int = 1) -> Sentence:
 # --------------------------------------------------------------------------------------------- reading
 def read_sentences(path: str | Path, labelled: bool = True) -> list[Sentence]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        raw = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({err.reason}); save the file as UTF-8") from None
+    raw = read_text(path)
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     sentences = _jsonl(path, raw, labelled) if jsonl else _conll(path, raw, labelled)
     if not sentences:
@@ -108,15 +101,7 @@ def _conll(path: Path, raw: str, labelled: bool) -> list[Sentence]:
 
 def _jsonl(path: Path, raw: str, labelled: bool) -> list[Sentence]:
     sentences = []
-    for number, text in enumerate(raw.splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number}: each line must be a JSON object with 'tokens' and 'tags'")
+    for number, row in jsonl_rows(path, raw, "'tokens' and 'tags'"):
         if not labelled and "tokens" not in row and isinstance(row.get("text"), str):
             sentences.append(split_words(row["text"], number))
             continue

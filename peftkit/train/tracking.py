@@ -71,7 +71,7 @@ class MLflow:
                                              tags={"peftkit.run_folder": str(folder.path.resolve())}).info.run_id
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)[:6000]) for key, value in _flat(config.model_dump(mode="json")).items()]
+        params = [Param(key, str(value)[:6000]) for key, value in flatten_keys(config.model_dump(mode="json")).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 
@@ -99,11 +99,12 @@ class MLflow:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
+def flatten_keys(values: dict, prefix: str = "") -> dict:
+    """Nested mappings as one level of dotted keys (``lora.r``), as MLflow params and config comparisons want."""
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 import yaml
 
+from ..train.tracking import flatten_keys
 from .charts import heatmap, line_chart
 
 NAV = [("/", "runs"), ("/searches", "searches"), ("/try", "try it")]
@@ -179,7 +180,7 @@ def compare_page(runs: list[dict]) -> str:
     for split in SPLITS:
         metric_rows += [(f"{split} {k}", [fmt((r["report"].get(split) or {}).get(k)) for r in runs]) for k in keys
                         if any(k in (r["report"].get(split) or {}) for r in runs)]
-    flat = [_flat(r["config"]) for r in runs]
+    flat = [flatten_keys(r["config"]) for r in runs]
     differing = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
     body = ['<div class="charts">', line_chart(loss, "loss", "compare-loss", y_label="loss"),
             line_chart(metric, f"dev {runs[0]['metric']}", "compare-metric"), "</div>",
@@ -192,14 +193,6 @@ def compare_page(runs: list[dict]) -> str:
     return page(f"compare {len(runs)} runs", "".join(body))
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- searches
