@@ -21,7 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from ..config import ConfigError
 from ..methods import available_methods, get_method
-from .task_keys import TaskKeys
+from .task_keys import TaskKeys, section_flag
 
 
 class Section(BaseModel):
@@ -216,9 +216,7 @@ class RunConfig(TaskKeys):
     @field_validator("distill", mode="before")
     @classmethod
     def _distill_flag(cls, value):
-        if value is True:
-            return {}
-        return None if value is False else value
+        return section_flag(value)
 
     def _method_sections(self, stored: bool) -> None:
         """Keep the chosen method's section only, validated against its schema and its config dataclass; settings

@@ -44,6 +44,13 @@ class OodSection(BaseModel):
 
 
 
+def section_flag(value):
+    """A section key given as a switch: ``true`` turns it on with its defaults, ``false`` off."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
 class TaskKeys(BaseModel):
     # classification
     pooling: Literal["auto", "pooler", "cls", "mean"] = Field(
@@ -88,9 +95,7 @@ class TaskKeys(BaseModel):
     @field_validator("ood", mode="before")
     @classmethod
     def _ood_flag(cls, value):
-        if value is True:
-            return {}
-        return None if value is False else value
+        return section_flag(value)
 
     @model_validator(mode="after")
     def _ood_fits(self) -> "TaskKeys":
