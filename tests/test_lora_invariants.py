@@ -147,7 +147,7 @@ def test_decoding_path_equals_the_formula(kind, shape, monkeypatch):
     dropout still applies in training mode."""
     from transformers.pytorch_utils import Conv1D
 
-    from peftkit.layers.lora.linear import LoraLinear
+    from peftkit.layers.lora.decode import ThinPlan
 
     torch.manual_seed(5)
     base = Conv1D(48, 64) if kind == "conv1d" else torch.nn.Linear(64, 48, bias=kind == "linear")
@@ -159,8 +159,8 @@ def test_decoding_path_equals_the_formula(kind, shape, monkeypatch):
     x = torch.randn(*shape, 64)
     expected = base(x) + 3.0 * (x @ A.T @ B.T)
     used = []
-    thin = LoraLinear._thin_inference
-    monkeypatch.setattr(LoraLinear, "_thin_inference", lambda self, *a: used.append(1) or thin(self, *a))
+    thin = ThinPlan.__call__
+    monkeypatch.setattr(ThinPlan, "__call__", lambda self, *a: used.append(1) or thin(self, *a))
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
@@ -227,3 +227,71 @@ def test_user_config_is_never_modified():
     with pytest.raises(Exception):
         config.r = 5  # frozen
     assert model.adapters["default"].config == config
+
+
+def test_decoding_plan_follows_every_change_of_the_layer(monkeypatch):
+    """The thin decoding path caches its choice and tensors per layer; every change of the layer (another active
+    adapter, B trained in place, merge/unmerge, disabled, an adapter deleted and re-created under the same name, a
+    replaced parameter, a new scaling, a mixed batch, autocast) must show in the next output."""
+    from peftkit.layers.lora.decode import ThinPlan
+
+    torch.manual_seed(11)
+    base = torch.nn.Linear(64, 48)
+    config = peftkit.LoraConfig(r=4, alpha=8, target_modules=["0"])
+    model = peftkit.adapt(torch.nn.Sequential(copy.deepcopy(base)), config, adapter_name="a")
+    model.add_adapter(config, adapter_name="b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    model.eval()
+    layer = model.base_model[0]
+    x = torch.randn(1, 1, 64)
+    calls = []
+    thin = ThinPlan.__call__
+    monkeypatch.setattr(ThinPlan, "__call__", lambda self, *a: calls.append(1) or thin(self, *a))
+
+    def expected(name: str | None) -> torch.Tensor:
+        out = base(x)
+        if name is not None:
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            out = out + layer.scaling[name] * (x @ A.T @ B.T)
+        return out
+
+    def check(name: str | None, thin_taken: bool = True) -> None:
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected(name), atol=1e-5, rtol=1e-5)
+        assert bool(calls) == thin_taken
+
+    with torch.no_grad():  # the adapters change the output, and differently: the checks below mean something
+        assert not torch.allclose(expected("a"), expected("b"), atol=1e-3)
+        assert not torch.allclose(expected("a"), expected(None), atol=1e-3)
+    model.set_adapter("a")
+    check("a")
+    check("a")  # the cached plan
+    model.set_adapter("b")
+    check("b")
+    with torch.no_grad():
+        layer.lora_B["b"].weight.mul_(-3.0)  # an optimizer step changes B in place
+    check("b")
+    model.merge(["b"])
+    check("b", thin_taken=False)  # merged: the base weight carries it
+    model.unmerge()
+    check("b")
+    with model.disable_adapters():
+        check(None, thin_taken=False)
+    check("b")
+    model.delete_adapter("b")
+    model.add_adapter(config, adapter_name="b")
+    randomize(model, "b", seed=3)
+    model.set_adapter("b")
+    check("b")
+    layer.lora_A["b"].weight = torch.nn.Parameter(torch.randn(4, 64))  # a replaced parameter object
+    check("b")
+    layer.scaling["b"] = 5.0
+    check("b")
+    with torch.no_grad(), model.mixed_batch(["a"]):
+        torch.testing.assert_close(model(x), expected("a"), atol=1e-5, rtol=1e-5)
+    check("b")
+    want = expected("b").detach()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x).float(), want, atol=0.05, rtol=0.05)

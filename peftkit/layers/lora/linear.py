@@ -14,6 +14,7 @@ from torch import nn
 from ...functional import lora_delta_weight
 from ...ops.lora import base_up, dropout_keep, lora_down, merged_lora_linear
 from ..base import MergeProposal, Staged, current
+from .decode import thin_plan
 from .layer import LORA_LAYERS, LoraLayer, gaussian_A_zero_B, kaiming_A_zero_B
 from .mixed import mixed_lora_forward
 from .siblings import SiblingGroup
@@ -109,18 +110,18 @@ class LoraLinear(LoraLayer):
         return active[0] if x.is_floating_point() else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and not (torch.is_grad_enabled() and x.requires_grad):
+            plan = thin_plan(self, x)  # few tokens, no gradients (decoding): the path chosen once, re-checked cheaply
+            if plan is not None and not plan.needs_grad():
+                return plan(x)
         if self.row_adapters is not None:
             return mixed_lora_forward(self, x, *args, **kwargs)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
         name = self.fused_adapter(x, active)
-        if name is None:
-            return self._plain_forward(x, active, *args, **kwargs)
-        if not self._needs_grad(name, x) and self._thin_is_cheaper(x):
-            if not args and not kwargs and (not self.training or not self.lora_dropout[name]) \
-                    and x.dtype == self.lora_A[name].weight.dtype == self.base_layer.weight.dtype:
-                return self._thin_inference(name, x)
+        if name is None or (not self._needs_grad(name, x) and self._thin_is_cheaper(x)):
+            # (the fused kernels would form W + s·BA: for a few tokens without gradients the formula is cheaper)
             return self._plain_forward(x, active, *args, **kwargs)
         # one compute dtype for everything: autocast's if it is on, else the input's; fp32 master weights of
         # the adapter receive their gradients through the casts
@@ -143,19 +144,6 @@ class LoraLinear(LoraLayer):
             keep, scale = dropout_keep(x, p)
             h = lora_down(x, keep, scale, A)
         return base_up(x, weight, bias, h, B, A, keep, scaling, scale, self.weight_is_in_out)
-
-    def _thin_inference(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Few tokens, no gradients, no dropout (decoding): W x + b, then s·B (A x) accumulated into it in place —
-        three kernels and no module calls, as little per-layer overhead as the formula allows."""
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.weight_is_in_out:
-            out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
-        else:
-            out = F.linear(x2, weight, bias)
-        h = F.linear(x2, self.lora_A[name].weight)
-        out.addmm_(h, self.lora_B[name].weight.t(), alpha=self.scaling[name])
-        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _needs_grad(self, name: str, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
