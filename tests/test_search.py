@@ -114,11 +114,11 @@ def _fake_trials(monkeypatch, outcome):
 
     seen = []
 
-    def fake(trial, folder, values, objective, heartbeat, heartbeat_seconds):
+    def fake(trial, folder, values, objective, heartbeat, heartbeat_seconds, processes=1, resume=False):
         folder.mkdir(parents=True, exist_ok=True)
         write_trial_config(folder, values)
         heartbeat()
-        seen.append(values)
+        seen.append({**values, "processes": processes})
         return outcome(values)
 
     monkeypatch.setattr(S, "run_trial", fake)
@@ -170,3 +170,66 @@ def test_config_overrides_after_the_search_options_reach_every_trial(tmp_path, m
     assert [v["epochs"] for v in seen] == [2, 2]
     assert all(v["output_dir"].startswith(str(other / "trials")) for v in seen)
     assert (other / "study.db").is_file() and (other / "summary.json").is_file()
+
+
+def test_grid_with_two_jobs_runs_every_point_exactly_once(tmp_path, monkeypatch):
+    """Once every grid point has started, Optuna's GridSampler hands out a running one again: a second worker
+    must wait for the last running point instead of training it twice."""
+    import time
+
+    from peftkit.search.trial import Outcome
+
+    def slow(values):
+        time.sleep(0.4)  # the workers overlap: one asks while the other still trains the last point
+        return Outcome("complete", [values["lora"]["r"] / 10], 0.4)
+
+    seen = _fake_trials(monkeypatch, slow)
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4, 8]}})
+    assert cli.main(["search", base, "--space", space, "--trials", "6", "--sampler", "grid", "--pruner", "none",
+                     "--jobs", "2"]) == 0
+    assert sorted(v["lora"]["r"] for v in seen) == [2, 4, 8]
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert sorted(t.params["lora.r"] for t in study.get_trials()) == [2, 4, 8]
+
+
+def test_search_under_torchrun_runs_on_rank_0_with_distributed_trials(tmp_path, capsys, monkeypatch):
+    """Started by torchrun: rank 1 exits 0 at once with one line and writes nothing; rank 0 runs the study and
+    trains each trial with as many processes as torchrun started on its node."""
+    from peftkit.search.trial import Outcome
+
+    seen = _fake_trials(monkeypatch, lambda v: Outcome("complete", [0.5], 0.1))
+    base, space = _files(tmp_path, {"lora.r": {"choice": [2, 4]}})
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["search", base, "--space", space, "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "rank 0 drives the search" in out
+    assert seen == [] and not (tmp_path / "out").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["search", base, "--space", space, "--trials", "2"]) == 0
+    assert [v["processes"] for v in seen] == [2, 2]
+    assert "2 processes per trial (torchrun)" in capsys.readouterr().out
+
+
+def test_trial_command_and_environment_under_torchrun(monkeypatch):
+    """A distributed trial goes through torchrun --standalone; the outer torchrun's variables never reach it."""
+    import sys
+
+    from peftkit.search import launch
+
+    assert launch.command(["train", "t.yaml"], 1) == [sys.executable, "-m", "peftkit.search.launch", "train", "t.yaml"]
+    assert launch.command(["train", "t.yaml"], 2)[3:] == ["--nproc", "2", "train", "t.yaml"]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(key, "1")
+    monkeypatch.setenv("PEFTKIT_KEEP_ME", "yes")
+    env = launch.trial_environment(1234)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & env.keys()
+    assert env["PEFTKIT_KEEP_ME"] == "yes" and env["PEFTKIT_SEARCH_PARENT"] == "1234"
+
+
+def test_nproc_per_node_is_checked(tmp_path, capsys):
+    status, err = _search(tmp_path, capsys, {"lora.r": {"choice": [2, 4]}}, "--nproc-per-node", "0")
+    assert status == 2 and "--nproc_per_node must be at least 1" in err

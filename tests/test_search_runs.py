@@ -73,20 +73,26 @@ def test_six_trials_with_pruning_and_a_best_config_that_trains(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; trials die with the search on Linux")
 def test_search_killed_mid_trial_resumes_with_exactly_n_trials(tmp_path):
-    config, space = search_setup(tmp_path, SPACE)
+    """SIGKILL of the search after trial 0 checkpointed: the rerun fails trial 0, and its re-queued copy trains on
+    from that checkpoint (same parameters, in its own folder); the study ends with exactly 3 complete trials."""
+    from peftkit.train.checkpoint import complete
+
+    config, space = search_setup(tmp_path, SPACE, epochs=6)  # 18 steps, a checkpoint at each evaluation (every 3)
     args = ("--trials", "3", "--sampler", "random", "--pruner", "none", "--heartbeat", "1")
     search = subprocess.Popen(search_command(config, space, *args), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=env())
     first = tmp_path / "out" / "trials" / "000"
     deadline = time.monotonic() + 120
-    while not (first / "checkpoints").is_dir():  # mid-trial: trial 0 has evaluated at least once
+    while not complete(first / "checkpoints"):  # mid-trial: trial 0 has evaluated and checkpointed at least once
         assert time.monotonic() < deadline and search.poll() is None, "trial 000 never got going"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.kill(search.pid, signal.SIGKILL)
     search.wait()
     time.sleep(1.0)
     assert processes_running(str(first / "trial.yaml")) == []  # the trial died with the search
     assert not (first / "report.json").exists()
+    step = int(complete(first / "checkpoints")[-1].name.split("-")[1])
+    assert 3 <= step < 18
 
     done = run_search(config, space, *args)
     assert done.returncode == 0, done.stderr
@@ -97,6 +103,11 @@ def test_search_killed_mid_trial_resumes_with_exactly_n_trials(tmp_path):
     assert killed.state.name == "FAIL"
     retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0]
     assert len(retry) == 1 and retry[0].params == killed.params and retry[0].state.name == "COMPLETE"
+    assert retry[0].user_attrs["resumed_from"] == {"trial": 0, "step": step}
+    log = (Path(retry[0].user_attrs["folder"]) / "train.log").read_text()
+    assert f"resumed from step-{step:09d} (step {step}," in log  # trained on from the killed run's checkpoint
+    assert f"trial {retry[0].number:03d} resumes trial 000 from its checkpoint at step {step}" in done.stdout
+    assert json.loads((Path(retry[0].user_attrs["folder"]) / "report.json").read_text())["steps"] == 18
     _assert_no_collisions(study, tmp_path)
     again = run_search(config, space, *args)  # a finished study: nothing more runs
     assert again.returncode == 0 and len(load_study(tmp_path).get_trials()) == 4
@@ -123,3 +134,30 @@ def test_multi_objective_gives_a_pareto_front(tmp_path):
     assert {t.number for t in study.best_trials} == {b["number"] for b in summary["best"]}
     assert (tmp_path / "out" / "plots" / "pareto_front.png").is_file()
     assert (tmp_path / "out" / "best.yaml").is_file()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_distributed_trials_two_processes_each_with_pruning(tmp_path):
+    """--nproc-per-node 2: every trial is a 2-process DDP run (gloo) under torchrun; the study reads the evaluations
+    rank 0 writes, prunes the bad trial, and the pruning stops both of its ranks."""
+    from peftkit.train.checkpoint import complete
+
+    config, space = search_setup(tmp_path, {"learning_rate": {"choice": [3.0e-2, 1.0e-6]}}, epochs=6)
+    # grid order with sampler seed 1: the good rate first, so that the tiny one is pruned against it
+    done = run_search(config, space, "--trials", "2", "--sampler", "grid", "--sampler_seed", "1",
+                      "--pruner_startup_trials", "1", "--nproc-per-node", "2")
+    assert done.returncode == 0, done.stderr
+    assert "2 processes per trial (torchrun)" in done.stdout
+    study = load_study(tmp_path)
+    trials = study.get_trials()
+    assert [t.params["learning_rate"] for t in trials] == [3.0e-2, 1.0e-6], "Optuna's grid order changed"
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"], done.stdout
+    for trial in trials:
+        folder = Path(trial.user_attrs["folder"])
+        assert trial.user_attrs["processes"] == 2
+        state = json.loads((complete(folder / "checkpoints")[-1] / "state.json").read_text())
+        assert state["world"] == 2  # written by a 2-process run
+        assert processes_running(str(folder / "trial.yaml")) == []  # no rank left behind
+    assert max(trials[1].intermediate_values) < 12  # stopped before its end (12 steps with 2 processes)
+    report = json.loads((Path(trials[0].user_attrs["folder"]) / "report.json").read_text())
+    assert report["steps"] == 12  # 48 rows, global batch 2 x 16: 2 steps an epoch, 6 epochs

@@ -6,7 +6,7 @@
     trial.py    one trial: a ``peftkit train`` subprocess, its dev metric reported as it grows, pruning
     report.py   the table of trials, best.yaml, summary.json and the plots
     command.py  the command line of ``peftkit search``
-    launch.py   starts a trial's process so that it dies with the search (Linux)
+    launch.py   starts a trial's process (under torchrun when distributed) so that it dies with the search (Linux)
 
 Nothing here is imported by ``import peftkit``; optuna is imported when a search runs.
 """

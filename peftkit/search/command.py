@@ -10,7 +10,7 @@ from ..config import ConfigError
 
 USAGE = """peftkit search [CONFIG.yaml] --space SPACE.yaml --trials N [--jobs J] [--storage URL] [--study NAME]
                       [--timeout S] [--objectives a,b] [--direction maximize[,minimize]] [--sampler tpe|random|cmaes|grid]
-                      [--pruner median|hyperband|none] [--sampler_seed S] [--key value ...]"""
+                      [--pruner median|hyperband|none] [--sampler_seed S] [--nproc_per_node N] [--key value ...]"""
 
 DESCRIPTION = """Search hyper-parameters with Optuna. Every trial is a normal run folder, output_dir/trials/NNN/,
 trained by `peftkit train` in its own process; its dev metric is reported at each evaluation so that the pruner can
@@ -19,6 +19,10 @@ rerunning the same command resumes it (a trial cut short by a killed search is f
 holds N complete + pruned trials. At the end: a table of the trials, output_dir/best.yaml (peftkit train
 best.yaml trains the best trial again), output_dir/summary.json and output_dir/plots/. The storage opens in
 optuna-dashboard (pip install optuna-dashboard; optuna-dashboard sqlite:///output_dir/study.db).
+A trial re-queued after a kill resumes from the killed run's last checkpoint, in its own trial folder.
+--nproc_per_node N trains every trial distributed, under torchrun (python -m torch.distributed.run --standalone):
+N processes per trial, J x N with --jobs J. Started itself under torchrun, the search runs on rank 0 with as many
+processes per trial as torchrun started on its node; the other ranks exit at once.
 CONFIG is the base run config (default: the embedded demo, as for peftkit train); the remaining --key value pairs
 override it, as for peftkit train.
 
@@ -54,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler_seed", type=int, default=42, help="seed of the sampler (--seed is the runs' own seed)")
     p.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats; a trial "
                                                              "silent for twice as long is failed and queued again")
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, dest="nproc_per_node",
+                   help="processes per trial: more than 1 trains each trial under torchrun (default: 1, or the "
+                        "processes per node of the torchrun that started the search)")
     return p
 
 
@@ -61,6 +68,16 @@ def run(argv: list[str]) -> int:
     argv = list(argv)
     config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None  # as for train: CONFIG comes first
     args, overrides = parser().parse_known_args(argv)
+    from .launch import outer_torchrun
+
+    outer = outer_torchrun()
+    if outer is not None:  # started under torchrun: one study, driven by rank 0; its trials are distributed instead
+        rank, world, local = outer
+        if rank != 0:
+            print(f"peftkit search: rank {rank} of {world} exits; rank 0 drives the search and runs each trial as "
+                  f"{local if args.nproc_per_node is None else args.nproc_per_node} processes", flush=True)
+            return 0
+        args.nproc_per_node = local if args.nproc_per_node is None else args.nproc_per_node
     from ..train.config import load
     from .report import finish
     from .space import load_space
@@ -73,7 +90,9 @@ def run(argv: list[str]) -> int:
 
         config_file, embedded = DATA_DIR / "demo.yaml", True
     config = load(config_file, overrides, embedded=embedded)
-    for name, value, low in (("--trials", args.trials, 1), ("--jobs", args.jobs, 1), ("--heartbeat", args.heartbeat, 1)):
+    processes = 1 if args.nproc_per_node is None else args.nproc_per_node
+    for name, value, low in (("--trials", args.trials, 1), ("--jobs", args.jobs, 1), ("--heartbeat", args.heartbeat, 1),
+                             ("--nproc_per_node", processes, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
     base = base_values(config)
@@ -83,13 +102,15 @@ def run(argv: list[str]) -> int:
     pruner = args.pruner or ("median" if len(objective.names) == 1 else "none")
     settings = Settings(output_dir=output_dir, trials=args.trials, jobs=args.jobs, storage=args.storage,
                         study=args.study, timeout=args.timeout, sampler=args.sampler, pruner=pruner, seed=args.sampler_seed,
-                        pruner_startup_trials=args.pruner_startup_trials, heartbeat=args.heartbeat)
+                        pruner_startup_trials=args.pruner_startup_trials, heartbeat=args.heartbeat,
+                        processes=processes)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(settings, space, objective, base)
     print(f"study {settings.study!r} in {settings.storage_url}: {args.trials} trials, {objective.names} "
-          f"({', '.join(objective.directions)}), sampler {settings.sampler}, pruner {settings.pruner}", flush=True)
+          f"({', '.join(objective.directions)}), sampler {settings.sampler}, pruner {settings.pruner}"
+          + (f", {processes} processes per trial (torchrun)" if processes > 1 else ""), flush=True)
     try:
         Search(study, settings, space, objective, base, say=lambda text: print(text, flush=True)).run()
     except KeyboardInterrupt:  # the running trials die with us; the next run fails and re-queues them

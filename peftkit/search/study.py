@@ -6,7 +6,11 @@ PRUNED ones. A trial whose search process died (killed mid-trial) stops sending 
 ``fail_stale_trials`` marks it FAIL once its grace period is over and ``RetryFailedTrialCallback`` queues a copy
 with the same parameters, which the next ``ask`` picks up. Running trials count towards N while they live, so
 several workers (``--jobs``, or several commands on one storage) never start more trials than needed; the count
-and the ``ask`` happen under one lock (a thread lock and an ``flock`` on a file beside the trials).
+and the ``ask`` happen under one lock (a thread lock and an ``flock`` on a file beside the trials). The re-queued
+copy of a killed trial resumes from the killed run's last checkpoint when there is one (trial.adopt_checkpoint).
+
+A grid search asks for a new trial only while some grid point is neither done nor running: Optuna's GridSampler
+hands out a running point again once every point has started, which with ``--jobs`` ran the last points twice.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from ..config import ConfigError
 from .space import Space
-from .trial import Objective, Outcome, run_trial
+from .trial import Objective, Outcome, adopt_checkpoint, run_trial
 from .values import with_values
 
 TRIALS_DIR = "trials"
@@ -44,6 +48,7 @@ class Settings:
     seed: int = 42
     pruner_startup_trials: int = 2
     heartbeat: int = 10
+    processes: int = 1  # per trial: more than one runs each trial under torchrun
 
     @property
     def storage_url(self) -> str:
@@ -80,6 +85,10 @@ def _grid_sampler(grid: dict, seed: int):
 
         def after_trial(self, study, trial, state, values) -> None:
             return None
+
+        @property
+        def grid_size(self) -> int:
+            return len(self._all_grids)
 
     return Grid(grid, seed=seed)
 
@@ -182,16 +191,23 @@ class Search:
                 return False
             if self.deadline is not None and time.monotonic() > self.deadline:
                 return False
-            sampler = self.study.sampler
-            if hasattr(sampler, "is_exhausted") and sampler.is_exhausted(self.study):
-                return False  # every grid point was tried
             if done + states.count(TrialState.RUNNING) >= self.settings.trials:
                 return None
+            if self.settings.sampler == "grid" and TrialState.WAITING not in states:  # a re-queued trial goes first
+                free = self._free_grid_points()
+                if free == 0:  # every point was tried (False), or is being tried (None: it may still fail)
+                    return None if TrialState.RUNNING in states else False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 trial = self.study.ask()
             self.study._storage.record_heartbeat(trial._trial_id)
             return trial
+
+    def _free_grid_points(self) -> int:
+        """Grid points no trial has taken yet (a failed point counts as tried, as for Optuna; a killed one comes
+        back as a WAITING copy with its grid point)."""
+        taken = {t.system_attrs["grid_id"] for t in self.study.get_trials(deepcopy=False) if "grid_id" in t.system_attrs}
+        return self.study.sampler.grid_size - len(taken)
 
     def _worker(self) -> None:
         try:
@@ -216,17 +232,37 @@ class Search:
             self.study.tell(trial, state=TrialState.FAIL)  # never left RUNNING by a bug of ours
             raise
 
+    def _folder(self, number: int) -> Path:
+        return self.settings.output_dir / TRIALS_DIR / f"{number:03d}"
+
+    def _adopt(self, trial, folder: Path) -> bool:
+        """For the re-queued copy of a killed trial: take over that run's last checkpoint; True when there is one."""
+        storage = self.study._storage
+        retried = storage.get_trial(trial._trial_id).system_attrs.get("retry_history") or []
+        if not retried:
+            return False
+        step = adopt_checkpoint(self._folder(retried[-1]), folder, self.settings.processes)
+        if step is None:
+            trial.set_user_attr("resumed_from", None)  # not the killed copy's, which the retry inherited
+            return False
+        trial.set_user_attr("resumed_from", {"trial": retried[-1], "step": step})
+        self.say(f"trial {trial.number:03d} resumes trial {retried[-1]:03d} from its checkpoint at step {step}")
+        return True
+
     def _train(self, trial) -> None:
         from optuna.trial import TrialState
 
         sampled = self.space.sample(trial, self.base)
-        folder = self.settings.output_dir / TRIALS_DIR / f"{trial.number:03d}"
+        folder = self._folder(trial.number)
         trial.set_user_attr("folder", str(folder))
+        trial.set_user_attr("processes", self.settings.processes)
         values = with_values(self.base, {**sampled, "output_dir": str(folder), "quiet": True})
         storage = self.study._storage
+        resume = self._adopt(trial, folder)
         outcome: Outcome = run_trial(trial, folder, values, self.objective,
                                      heartbeat=lambda: storage.record_heartbeat(trial._trial_id),
-                                     heartbeat_seconds=self.settings.heartbeat / 2)
+                                     heartbeat_seconds=self.settings.heartbeat / 2,
+                                     processes=self.settings.processes, resume=resume)
         trial.set_user_attr("seconds", round(outcome.seconds, 3))
         if outcome.state == "complete":
             self.study.tell(trial, outcome.values)

@@ -5,15 +5,21 @@ The dev metric is read as it grows from the run's newest checkpoint (``checkpoin
 checkpoints after every evaluation, atomically, with the history so far) and reported to Optuna step by step; when
 the pruner says so the process is killed and the trial is PRUNED. The trial's heartbeat is recorded in the storage
 while it runs, so a search killed mid-trial leaves a trial that the next run finds stale, fails and re-queues.
+
+A trial is distributed when the search says so (``processes`` > 1: torchrun, see launch.py); it runs in a process
+group of its own, which a pruning stops whole. A re-queued trial adopts the killed one's run folder when it holds
+a complete checkpoint (``adopt_checkpoint``): the folder is copied into the new trial's own ``trials/NNN/`` and
+trained on with ``peftkit train --resume``, so every trial number keeps its own folder and the killed trial's
+folder stays as it was left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +28,10 @@ from typing import Any, Callable
 import yaml
 
 from ..atomic import atomic_write
+from ..train.checkpoint import complete
 from ..train.folder import CHECKPOINTS_DIR, REPORT_FILE
+from ..train.tracking import LIVE_FILE
+from .launch import command, trial_environment
 
 TRIAL_CONFIG = "trial.yaml"
 TRIAL_LOG = "train.log"
@@ -93,16 +102,36 @@ def dev_history(folder: Path, key: str) -> list[tuple[int, float]]:
     return []
 
 
+def adopt_checkpoint(previous: Path, folder: Path, processes: int) -> int | None:
+    """Copy the run folder of a killed trial into ``folder`` when it holds a complete checkpoint written by as many
+    processes as this trial will have; the checkpoint's step, or None (then the trial starts from scratch)."""
+    found = complete(previous / CHECKPOINTS_DIR)
+    if not found:
+        return None
+    try:
+        state = json.loads((found[-1] / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("world", 1) != processes:  # train --resume refuses another process count
+        return None
+    # the killed run's best/, labels, plots... come along: the resumed run keeps its best model so far
+    shutil.copytree(previous, folder, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(TRIAL_LOG, TRIAL_CONFIG, LIVE_FILE))
+    return int(state["step"])
+
+
 def run_trial(trial, folder: Path, values: dict[str, Any], objective: Objective,
-              heartbeat: Callable[[], None], heartbeat_seconds: float) -> Outcome:
-    """Train ``values`` in ``folder``; report evaluations to ``trial`` and stop the run when it should be pruned."""
+              heartbeat: Callable[[], None], heartbeat_seconds: float, processes: int = 1,
+              resume: bool = False) -> Outcome:
+    """Train ``values`` in ``folder`` (as ``processes`` torchrun workers when more than one; from the folder's last
+    checkpoint with ``resume``); report evaluations to ``trial`` and stop the run when it should be pruned."""
     folder.mkdir(parents=True, exist_ok=True)
     config_file = write_trial_config(folder, values)
-    env = dict(os.environ, PEFTKIT_SEARCH_PARENT=str(os.getpid()))
-    command = [sys.executable, "-m", "peftkit.search.launch", "train", str(config_file)]
+    argv = command(["train", str(config_file), *(["--resume"] if resume else [])], processes)
     started = time.monotonic()
     with open(folder / TRIAL_LOG, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=trial_environment(os.getpid()), start_new_session=os.name == "posix")
         reported: set[int] = set()
         last_beat = 0.0
         key = objective.intermediate_key
@@ -141,12 +170,25 @@ def _report(trial, folder: Path, key: str, reported: set[int]) -> bool:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
+    """Stop the trial's whole process group (torchrun's agent and what it started; its workers, in sessions of their
+    own, die with the agent): SIGTERM, then SIGKILL after 10 s."""
+    _signal(process, signal.SIGTERM)
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _signal(process, signal.SIGKILL)
         process.wait()
+    _signal(process, signal.SIGKILL)  # anything of the group still there
+
+
+def _signal(process: subprocess.Popen, number: int) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(process.pid, number)
+        elif process.poll() is None:
+            process.send_signal(number)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(path: Path, lines: int = 8) -> str:
