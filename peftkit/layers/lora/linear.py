@@ -8,7 +8,6 @@ Mixed batches (a different adapter per row) are applied by ``mixed.py``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...functional import lora_delta_weight
