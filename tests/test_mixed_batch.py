@@ -227,3 +227,45 @@ def test_a_layer_that_cannot_mix_and_holds_none_of_the_batch_stays_out_of_it():
             torch.testing.assert_close(mixed[row:row + 1], model(x[row:row + 1]), atol=1e-6, rtol=1e-6)
         with pytest.raises(NotImplementedError, match="module 'norm': ModulesToSave cannot apply different adapters"):
             model(x, adapter_names=["a", "b"])
+
+
+def test_grouped_rows_with_uneven_groups_follow_every_change():
+    """Without gradients the rows are grouped by adapter and the groups are cached per layer: uneven groups (padded),
+    base rows, and every change (another row layout, B trained in place, a re-created adapter, a new scaling) must
+    show in the next mixed forward."""
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8))
+    model = peftkit.adapt(copy.deepcopy(base), peftkit.LoraConfig(r=4, alpha=8, target_modules=["0", "2"]), "a")
+    model.add_adapter(peftkit.LoraConfig(r=2, alpha=6, target_modules=["0"]), adapter_name="b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    model.eval()
+    x = torch.randn(6, 3, 16)
+
+    def alone(name: str, row: torch.Tensor) -> torch.Tensor:
+        if name == "base":
+            return base(row)
+        model.set_adapter(name)
+        return model(row)
+
+    def check(rows: list[str]) -> None:
+        with torch.no_grad():
+            with model.mixed_batch(rows):
+                mixed = model(x)
+            for i, name in enumerate(rows):
+                torch.testing.assert_close(mixed[i:i + 1], alone(name, x[i:i + 1]), atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        assert not torch.allclose(alone("a", x), alone("b", x), atol=1e-3)
+    check(["a", "a", "a", "b", "base", "a"])
+    check(["a", "a", "a", "b", "base", "a"])  # the cached groups
+    check(["b", "base", "b", "b", "a", "b"])  # another layout
+    with torch.no_grad():
+        model.base_model[0].lora_B["b"].weight.mul_(-2.0)  # trained in place
+    check(["b", "base", "b", "b", "a", "b"])
+    model.delete_adapter("b")
+    model.add_adapter(peftkit.LoraConfig(r=2, alpha=6, target_modules=["0"]), adapter_name="b")
+    randomize(model, "b", seed=5)
+    check(["b", "base", "b", "b", "a", "b"])
+    model.base_model[0].scaling["a"] = 7.0
+    check(["b", "base", "b", "b", "a", "b"])

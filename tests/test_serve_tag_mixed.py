@@ -77,7 +77,8 @@ def test_classify_and_tag_requests_share_one_body_forward_and_equal_each_adapter
 
 def test_each_row_of_a_mixed_batch_equals_its_adapter_alone_in_logits(setup):
     """Row by row: a mixed classify+tag batch against each adapter's row run alone (classification 1e-6; a token
-    row 1e-5: hundreds of word positions through a randomised head, the single-adapter path vs the per-row one)."""
+    row 2e-5: hundreds of word positions through a randomised head, the single-adapter path vs the grouped per-row
+    one, whose matmuls sum in another order; 1.3e-5 seen)."""
     served = setup["served"]
     rows = [("intents", "my card was stolen"), ("ner", TAG_TEXTS[0]), ("sentiment", "refund please"),
             ("ner", TAG_TEXTS[1])]
@@ -89,7 +90,7 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone_in_logits(setup):
             # the mixed batch pads heads to the widest (and sentences to the longest): the rest is this adapter's
             # probabilities, as the server answers (logits of ~1 differ by float32 rounding of other batch shapes)
             torch.testing.assert_close(mixed[i][tuple(slice(0, n) for n in alone.shape)].softmax(-1), alone.softmax(-1),
-                                       atol=1e-6 if alone.dim() == 1 else 1e-5, rtol=0)
+                                       atol=1e-6 if alone.dim() == 1 else 2e-5, rtol=0)
 
 
 def test_an_adapter_that_cannot_mix_is_batched_alone(setup):

@@ -41,7 +41,7 @@ class ThinPlan:
         """Whether the layer is still in the state this plan was made for."""
         base = layer._modules["base_layer"]._parameters
         return (
-            layer.active_adapters is self.active and len(layer.merged_adapters) == self.merged
+            layer.active_adapters == self.active and len(layer.merged_adapters) == self.merged
             and layer.training == self.training and not layer.disabled and layer.row_adapters is None
             and base["weight"] is self.weight and base.get("bias") is self.bias
             and layer._modules["lora_A"]._modules[self.name]._parameters["weight"] is self.A

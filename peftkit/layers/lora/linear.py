@@ -109,12 +109,12 @@ class LoraLinear(LoraLayer):
         return active[0] if x.is_floating_point() else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return mixed_lora_forward(self, x, *args, **kwargs)
         if not args and not kwargs and not (torch.is_grad_enabled() and x.requires_grad):
             plan = thin_plan(self, x)  # few tokens, no gradients (decoding): the path chosen once, re-checked cheaply
             if plan is not None and not plan.needs_grad():
                 return plan(x)
-        if self.row_adapters is not None:
-            return mixed_lora_forward(self, x, *args, **kwargs)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
