@@ -154,6 +154,7 @@ def test_causal_run_page_loss_and_perplexity_curves_and_generations_equal_the_re
     perplexity = [h for h in history if "dev_perplexity" in h]
     points = page.locator('#metric-chart circle.point[data-series="perplexity"]')
     assert len(perplexity) == 3 and points.count() == len(perplexity)
+    assert page.locator("#metric-chart .chart-title").text_content() == "dev perplexity"
     for k, record in enumerate(perplexity):
         assert float(points.nth(k).get_attribute("data-y")) == pytest.approx(record["dev_perplexity"], rel=1e-5)
         assert float(points.nth(k).get_attribute("data-x")) == record["step"]
