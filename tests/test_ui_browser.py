@@ -170,7 +170,7 @@ def test_try_it_through_a_running_server_gives_the_label_of_peftkit_predict(site
     runs, _, page = site
     text = "when do you open on sunday"
     expected = predicted_labels(runs, text, capsys)
-    server = ServeProcess(runs.parent / "tiny-bert", runs)
+    server = ServeProcess(runs.parent / "tiny-bert", runs, "--pooling", "mean")
     try:
         ui = UiProcess(runs, "--server", server.url)
         try:

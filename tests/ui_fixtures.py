@@ -81,14 +81,14 @@ def browser_or_fail(playwright):
 
 
 class ServeProcess(UiProcess):
-    """`peftkit serve` of the tiny base with the runs folder's adapters."""
+    """`peftkit serve` of the tiny base with the adapters (run folders) under ``adapters``; ``args``: more options."""
 
-    def __init__(self, base: Path, adapters: Path) -> None:
+    def __init__(self, base: Path, adapters: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
         self.process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters",
-                                         str(adapters), "--port", str(self.port), "--pooling", "mean"], env=env,
+                                         str(adapters), "--port", str(self.port), *args], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:

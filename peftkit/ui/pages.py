@@ -99,7 +99,8 @@ def run_page(run: dict) -> str:
     loss, metrics = curves(run["history"])
     parts = [summary_table(run),
              '<div class="charts">', line_chart(loss, "loss", "loss-chart", y_label="loss"),
-             line_chart(metrics, "dev metrics", "metric-chart") if metrics else "", "</div>"]
+             line_chart(metrics, f"dev {metrics[0][0]}" if len(metrics) == 1 else "dev metrics", "metric-chart")
+             if metrics else "", "</div>"]
     for split in SPLITS:
         if isinstance(report.get(split), dict):
             parts.append(split_section(split, report[split], report))

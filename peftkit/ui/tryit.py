@@ -14,6 +14,7 @@ from ..tasks import get_task
 
 CACHED_RUNS = 4  # run folders kept loaded (a model each)
 TIMEOUT = 60.0
+CAUSAL_LM = "causal-lm"
 
 
 class InProcess:
@@ -52,7 +53,7 @@ def _generated(run, text: str) -> dict:
 
 
 #: how the try-it box answers for a task (default: the rows of ``peftkit predict``)
-ANSWERS = {"causal-lm": _generated}
+ANSWERS = {CAUSAL_LM: _generated}
 GENERATED_TOKENS = 64
 
 
@@ -69,7 +70,9 @@ def answer_of(row: dict) -> str:
 
 
 class Remote:
-    """A running ``peftkit serve``: ``GET /v1/adapters``, then each adapter's task route with ``texts``."""
+    """A running ``peftkit serve``: ``GET /v1/adapters``, then each adapter's task route with ``texts``; a causal-lm
+    server (``--task causal-lm``, the one that answers ``GET /v1/models``) through its OpenAI endpoint
+    ``/v1/chat/completions`` with ``model`` = the adapter's name, greedy, as the in-process box generates."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -86,12 +89,34 @@ class Remote:
         except (urllib.error.URLError, OSError) as err:
             raise RuntimeError(f"{self.url}{path}: {err}; is `peftkit serve` running there?") from None
 
+    def generates(self) -> bool:
+        """Whether the server is the OpenAI-compatible one of causal LMs (only it lists ``/v1/models``)."""
+        try:
+            return isinstance(self._call("/v1/models").get("data"), list)
+        except RuntimeError:
+            return False
+
     def adapters(self) -> list[dict]:
-        return self._call("/v1/adapters").get("adapters", [])
+        adapters = self._call("/v1/adapters").get("adapters", [])
+        if self.generates():  # its adapters carry no task: they are all causal-lm
+            adapters = [{**a, "task": a.get("task") or CAUSAL_LM} for a in adapters]
+        return adapters
 
     def predict(self, adapter: dict, text: str) -> dict:
-        route = get_task(adapter.get("task") or "classification").serve_schema().route
-        answer = self._call(route, {"adapter": adapter["name"], "texts": [text]})
-        rows = answer.get("predictions") or answer.get("results") or answer.get("entities") or [answer]
-        row = rows[0] if isinstance(rows, list) and rows else answer
+        task = adapter.get("task") or "classification"
+        if task == CAUSAL_LM:
+            row = self._chat(adapter["name"], text)
+        else:
+            route = get_task(task).serve_schema().route
+            answer = self._call(route, {"adapter": adapter["name"], "texts": [text]})
+            rows = answer.get("predictions") or answer.get("results") or answer.get("entities") or [answer]
+            row = rows[0] if isinstance(rows, list) and rows else answer
         return {"label": answer_of(row) if isinstance(row, dict) else str(row), "row": row}
+
+    def _chat(self, model: str, text: str) -> dict:
+        """One user turn through ``/v1/chat/completions`` (temperature 0: greedy), as a ``peftkit generate`` row."""
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+                "max_tokens": GENERATED_TOKENS}
+        choice = self._call("/v1/chat/completions", body)["choices"][0]
+        return {"prompt": text, "completion": choice["message"]["content"], "finish_reason": choice.get("finish_reason")}
+
