@@ -6,6 +6,26 @@ folder of real runs:
 
 writes ui-runs.png (the runs table), ui-run.png (a run: curves, per-class table), ui-compare.png and ui-ner.png
 (per entity type table and heatmap), each a palette PNG (small enough for the repository).
+
+The runs of the README's screenshots (2026-11-29, 2 busy CPU cores, one thread each; R=/work/ui-runs/runs):
+
+    B77="--model minilm --train_file ../shared/data/banking77/train.csv --text_column text --label_column category \
+         --max_length 64 --batch_size 32 --max_steps 120 --eval_strategy steps --eval_steps 30 --num_threads 1 --seed 0"
+    peftkit train $B77 --method lora --lora.r 8 --learning_rate 2e-3 --output_dir $R/banking77-lora-r8
+    peftkit train $B77 --method lora --lora.r 8 --lora.target_modules '[query, value]' --learning_rate 2e-3 \
+        --output_dir $R/banking77-lora-r8-qv
+    peftkit train $B77 --method head --learning_rate 5e-3 --output_dir $R/banking77-head
+    # WNUT-17: the first 1,200 training sentences that hold an entity (150 steps on the whole file tag everything O)
+    peftkit train --task token-classification --model minilm --method lora --lora.r 16 --lora.alpha 32 \
+        --lora.target_modules all-linear --train_file wnut17_train_with_entities.conll \
+        --dev_file ../shared/data/wnut17/emerging.dev.conll --max_length 64 --batch_size 16 --max_steps 150 \
+        --learning_rate 2e-3 --eval_strategy steps --eval_steps 50 --num_threads 1 --seed 0 --output_dir $R/wnut17-lora
+    # SmolLM2: 400 Bitext rows shuffled with seed 0 (instruction, response)
+    peftkit train --task causal-lm --model smollm2 --method lora --lora.r 16 --lora.alpha 32 \
+        --lora.target_modules all-linear --train_file bitext_400.csv --prompt_column instruction \
+        --completion_column response --dev_split 0.05 --max_length 96 --max_steps 16 --batch_size 4 \
+        --eval_batch_size 8 --learning_rate 1e-3 --eval_strategy steps --eval_steps 8 --eval_generations 3 \
+        --max_new_tokens 32 --num_threads 1 --seed 0 --output_dir $R/bitext-smollm2-lora
 """
 
 from __future__ import annotations
