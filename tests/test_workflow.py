@@ -185,3 +185,24 @@ def test_existing_run_is_not_overwritten(files, tmp_path, capsys):
     assert main(train_args(files, out, "--epochs", "1")) == 0
     assert main(train_args(files, out, "--epochs", "1")) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_metric_plot_keeps_values_above_one_in_view(tmp_path):
+    """A causal-LM run's dev curve is perplexity (> 1): the metrics plot must not clip it to a 0-1 axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    import matplotlib.axes
+
+    from peftkit.train.metrics import plot_history
+
+    history = [{"step": 8, "dev_loss": 1.5, "dev_perplexity": 4.56}, {"step": 16, "dev_loss": 1.4, "dev_perplexity": 4.17}]
+    limits = []
+    original = matplotlib.axes.Axes.set_ylim
+    with mock.patch.object(matplotlib.axes.Axes, "set_ylim", lambda self, *a, **k: limits.append(a) or original(self, *a, **k)):
+        plot_history(history, tmp_path, curves=["perplexity"])
+        assert (0, 1) not in limits
+        plot_history([{"step": 1, "dev_loss": 1.0, "dev_accuracy": 0.8}], tmp_path, curves=["accuracy"])
+        assert (0, 1) in limits

@@ -32,10 +32,13 @@ def plot_history(history: list[dict], out: Path, curves: Sequence[str] = ()) -> 
     written.append(out / "loss.png")
     if evals and curves:
         fig, ax = plt.subplots(figsize=(6, 4))
+        values = []
         for name in curves:
+            values += [h[f"dev_{name}"] for h in evals]
             ax.plot([h["step"] for h in evals], [h[f"dev_{name}"] for h in evals], marker="o", label=f"dev {name}")
         ax.set_xlabel("optimizer step")
-        ax.set_ylim(0, 1)
+        if all(0 <= v <= 1 for v in values):  # rates (accuracy, F1) on a fixed scale; perplexity scales itself
+            ax.set_ylim(0, 1)
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
