@@ -164,10 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--task", default="classification", help="the task of the base model and its adapters; 'auto': classification and token-classification "
                        "run folders on one encoder (POST /v1/classify and /v1/tag share each forward of the body)")
-    serve.add_argument("--pooling", default="auto", choices=["auto", "pooler", "cls", "mean"],
-                       help="classification: the features the head sees")
+    serve.add_argument("--pooling", default=None, choices=["auto", "pooler", "cls", "mean"],
+                       help="classification: the features the head sees (default auto)")
     serve.add_argument("--max_batch_size", type=int, default=32, help="rows per forward pass")
-    serve.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request may wait for others")
+    serve.add_argument("--max_wait_ms", type=float, default=None,
+                       help="classification/tagging: how long a request may wait for others (default 5); causal-lm "
+                            "needs none (requests join the running batch between decode steps)")
     serve.add_argument("--max_length", type=int, default=None,
                        help="classification: tokens per text (default 128); causal-lm: refused, see --context_length")
     serve.add_argument("--context_length", type=int, default=None,
@@ -332,14 +334,18 @@ def _serve(args, rest) -> int:
     if args.task == "causal-lm" and args.max_length is not None:  # was silently ignored
         raise UsageError("--max_length limits each text of a classification server; for --task causal-lm the prompt "
                          "and the answer together are limited by --context_length")
+    for flag, value in (("--pooling", args.pooling), ("--max_wait_ms", args.max_wait_ms)):
+        if args.task == "causal-lm" and value is not None:  # were silently ignored
+            raise UsageError(f"{flag} is for classification and tagging servers; a causal-lm server has no pooling and "
+                             "no wait (requests join the running batch between decode steps): leave it out")
     if args.default_max_tokens is not None and (args.task != "causal-lm" or args.default_max_tokens < 1):
         raise UsageError("--default_max_tokens is for --task causal-lm and must be at least 1 "
                          f"(got {args.default_max_tokens} with task {args.task})")
     if args.context_length is not None and args.context_length < 2:
         raise UsageError(f"--context_length must be at least 2 tokens (got {args.context_length})")
     try:
-        serve(args.base, args.adapters, args.host, args.port, {"pooling": args.pooling}, args.max_batch_size,
-              args.max_wait_ms, 128 if args.max_length is None else args.max_length, args.threads, args.max_request_bytes, task=args.task,
+        serve(args.base, args.adapters, args.host, args.port, {"pooling": args.pooling or "auto"}, args.max_batch_size,
+              5.0 if args.max_wait_ms is None else args.max_wait_ms, 128 if args.max_length is None else args.max_length, args.threads, args.max_request_bytes, task=args.task,
               context_length=args.context_length, default_max_tokens=args.default_max_tokens or 256)
     except BadAdapterRequest as err:
         print(f"error: {err}", file=sys.stderr)

@@ -58,10 +58,10 @@ def start_server(model_dir: Path, adapters: Path, log: Path, *extra: str):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = open(log, "w")
-    # classification settings; a generation server refuses --max_length (its limit is --context_length)
-    settings = [] if "causal-lm" in extra else ["--max_length", str(MAX_LENGTH), "--pooling", "mean"]
+    # classification settings; a generation server refuses them (its limit is --context_length; it never waits)
+    settings = [] if "causal-lm" in extra else ["--max_length", str(MAX_LENGTH), "--pooling", "mean", "--max_wait_ms", "20"]
     process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", str(model_dir), "--adapters",
-                                str(adapters), "--port", str(port), "--max_wait_ms", "20", *settings, *extra],
+                                str(adapters), "--port", str(port), *settings, *extra],
                                env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
     out.close()
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

@@ -235,6 +235,8 @@ def test_peftkit_serve_context_length_limits_the_prompt(server, tmp_path, capsys
     for extra, message in ((["--context_length", "16"], "--context_length is for --task causal-lm"),
                            (["--task", "causal-lm", "--context_length", "1"], "at least 2 tokens"),
                            (["--task", "causal-lm", "--max_length", "64"], "limited by --context_length"),
+                           (["--task", "causal-lm", "--pooling", "mean"], "--pooling is for classification"),
+                           (["--task", "causal-lm", "--max_wait_ms", "2"], "--max_wait_ms is for classification"),
                            (["--default_max_tokens", "5"], "--default_max_tokens is for --task causal-lm"),
                            (["--task", "causal-lm", "--default_max_tokens", "0"], "at least 1")):
         assert cli.main(["serve", "--base", str(root / "base"), "--adapters", str(tmp_path), *extra]) == 2
