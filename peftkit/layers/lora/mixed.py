@@ -56,8 +56,8 @@ class RowGroups:
         self.size = max(len(m) for m in members.values())
         gather, back = [], [0] * len(rows)
         for rows_of in members.values():
-            for i in rows_of:
-                back[i] = len(gather) + rows_of.index(i)
+            for k, i in enumerate(rows_of):
+                back[i] = len(gather) + k
             gather += rows_of + rows_of[:1] * (self.size - len(rows_of))
         device = layer.base_layer.weight.device
         self.gather = torch.tensor(gather, dtype=torch.long, device=device)
