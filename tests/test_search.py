@@ -233,3 +233,30 @@ def test_trial_command_and_environment_under_torchrun(monkeypatch):
 def test_nproc_per_node_is_checked(tmp_path, capsys):
     status, err = _search(tmp_path, capsys, {"lora.r": {"choice": [2, 4]}}, "--nproc-per-node", "0")
     assert status == 2 and "--nproc_per_node must be at least 1" in err
+
+
+def test_piled_up_evaluations_are_judged_one_by_one(tmp_path):
+    """Several evaluations may appear between two polls of a trial; the pruner must see them one at a time, so the
+    trial is pruned at the first evaluation it rejects and nothing after it is reported."""
+    import json
+
+    from peftkit.search.trial import _report
+
+    step_dir = tmp_path / "checkpoints" / "step-00000012"
+    step_dir.mkdir(parents=True)
+    history = [{"step": s, "dev_accuracy": v} for s, v in ((3, 0.9), (6, 0.2), (9, 0.2), (12, 0.2))]
+    (step_dir / "state.json").write_text(json.dumps({"history": history}))
+
+    class Trial:  # prunes once a value under 0.5 was reported
+        def __init__(self):
+            self.values = {}
+
+        def report(self, value, step):
+            self.values[step] = value
+
+        def should_prune(self):
+            return min(self.values.values()) < 0.5
+
+    trial, reported = Trial(), set()
+    assert _report(trial, tmp_path, "dev_accuracy", reported, prune_check=True)
+    assert trial.values == {3: 0.9, 6: 0.2} and reported == {3, 6}

@@ -142,7 +142,8 @@ def test_distributed_trials_two_processes_each_with_pruning(tmp_path):
     rank 0 writes, prunes the bad trial, and the pruning stops both of its ranks."""
     from peftkit.train.checkpoint import complete
 
-    config, space = search_setup(tmp_path, {"learning_rate": {"choice": [3.0e-2, 1.0e-6]}}, epochs=6)
+    # 24 steps, evaluated every 3: long enough that the study sees the bad trial's first evaluations while it runs
+    config, space = search_setup(tmp_path, {"learning_rate": {"choice": [3.0e-2, 1.0e-6]}}, epochs=12)
     # grid order with sampler seed 1: the good rate first, so that the tiny one is pruned against it
     done = run_search(config, space, "--trials", "2", "--sampler", "grid", "--sampler_seed", "1",
                       "--pruner_startup_trials", "1", "--nproc-per-node", "2")
@@ -158,6 +159,6 @@ def test_distributed_trials_two_processes_each_with_pruning(tmp_path):
         state = json.loads((complete(folder / "checkpoints")[-1] / "state.json").read_text())
         assert state["world"] == 2  # written by a 2-process run
         assert processes_running(str(folder / "trial.yaml")) == []  # no rank left behind
-    assert max(trials[1].intermediate_values) < 12  # stopped before its end (12 steps with 2 processes)
+    assert max(trials[1].intermediate_values) < 24  # stopped before its end (24 steps with 2 processes)
     report = json.loads((Path(trials[0].user_attrs["folder"]) / "report.json").read_text())
-    assert report["steps"] == 12  # 48 rows, global batch 2 x 16: 2 steps an epoch, 6 epochs
+    assert report["steps"] == 24  # 48 rows, global batch 2 x 16: 2 steps an epoch, 12 epochs

@@ -142,7 +142,7 @@ def run_trial(trial, folder: Path, values: dict[str, Any], objective: Objective,
                 last_beat = time.monotonic()
             if status is not None:  # finished (a run that got to its end is scored whole, never pruned)
                 break
-            if key is not None and _report(trial, folder, key, reported) and trial.should_prune():
+            if key is not None and _report(trial, folder, key, reported, prune_check=True):
                 _stop(process)
                 return Outcome("pruned", seconds=time.monotonic() - started,
                                message=f"pruned after step {max(reported)}")
@@ -160,13 +160,18 @@ def run_trial(trial, folder: Path, values: dict[str, Any], objective: Objective,
         return Outcome("fail", seconds=seconds, message=f"{folder / REPORT_FILE}: {err}")
 
 
-def _report(trial, folder: Path, key: str, reported: set[int]) -> bool:
-    """Report the evaluations not reported yet; True when there was a new one."""
-    new = [(step, value) for step, value in dev_history(folder, key) if step not in reported]
-    for step, value in new:
+def _report(trial, folder: Path, key: str, reported: set[int], prune_check: bool = False) -> bool:
+    """Report the evaluations not reported yet, oldest first. With ``prune_check``: stop at the first one after
+    which the pruner would prune, and return True (several evaluations may have piled up between two polls: the
+    decision must not depend on that)."""
+    for step, value in dev_history(folder, key):
+        if step in reported:
+            continue
         trial.report(value, step)
         reported.add(step)
-    return bool(new)
+        if prune_check and trial.should_prune():
+            return True
+    return False
 
 
 def _stop(process: subprocess.Popen) -> None:
