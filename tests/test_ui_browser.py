@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ui_fixtures import ARTIFACTS, ServeProcess, UiProcess, browser_or_fail, make_runs
+from ui_fixtures import ServeProcess, UiProcess, make_runs, shot, ui_page
 from ui_helpers import report
 
 try:  # never a silent skip: without playwright the browser tests fail with the fix
@@ -27,20 +27,8 @@ def _playwright_installed():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     runs = make_runs(tmp_path_factory.mktemp("ui"))
-    ui = UiProcess(runs)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        browser = browser_or_fail(playwright)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        try:
-            yield runs, ui.url, page
-        finally:
-            browser.close()
-            ui.stop()
-
-
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    with ui_page(runs) as (url, page):
+        yield runs, url, page
 
 
 def test_runs_table_lists_every_run_with_its_metric_and_sorts_and_filters(site):

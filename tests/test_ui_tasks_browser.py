@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from ui_fixtures import ARTIFACTS, ServeProcess, UiProcess, browser_or_fail
+from ui_fixtures import ServeProcess, UiProcess, shot, ui_page
 from ui_helpers import report, train_causal_run, train_ner_run
 
 try:  # never a silent skip: without playwright the browser tests fail with the fix
@@ -35,20 +35,8 @@ def site(tmp_path_factory):
     runs = root / "runs"
     train_ner_run(root, runs / NER)
     train_causal_run(root, runs / CHAT)
-    ui = UiProcess(runs)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        browser = browser_or_fail(playwright)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        try:
-            yield root, ui.url, page
-        finally:
-            browser.close()
-            ui.stop()
-
-
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    with ui_page(runs) as (url, page):
+        yield root, url, page
 
 
 def cli_json(capsys, *args: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,24 +43,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class UiProcess:
-    def __init__(self, runs: Path, *args: str) -> None:
+class PeftkitProcess:
+    """A `peftkit` command serving HTTP on a free port, started and waited for until ``health`` answers."""
+
+    def __init__(self, args: list[str], health: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-        self.process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "ui", "--runs", str(runs), "--port",
-                                         str(self.port), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *args, "--port", str(self.port)],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"peftkit ui exited: {self.process.stdout.read().decode()}")
+                raise RuntimeError(f"peftkit {args[0]} exited: {self.process.stdout.read().decode()}")
             try:
-                urllib.request.urlopen(self.url + "/api/runs", timeout=2)
+                urllib.request.urlopen(self.url + health, timeout=2)
                 return
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError("peftkit ui did not answer within 120 s")
+        raise RuntimeError(f"peftkit {args[0]} did not answer within 120 s")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -67,6 +70,13 @@ class UiProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+class UiProcess(PeftkitProcess):
+    """`peftkit ui` over the run folders under ``runs``; ``args``: more options."""
+
+    def __init__(self, runs: Path, *args: str) -> None:
+        super().__init__(["ui", "--runs", str(runs), *args], "/api/runs")
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -80,24 +90,31 @@ def browser_or_fail(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
 
 
-class ServeProcess(UiProcess):
+class ServeProcess(PeftkitProcess):
     """`peftkit serve` of the tiny base with the adapters (run folders) under ``adapters``; ``args``: more options."""
 
     def __init__(self, base: Path, adapters: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-        self.process = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters",
-                                         str(adapters), "--port", str(self.port), *args], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"peftkit serve exited: {self.process.stdout.read().decode()}")
+        super().__init__(["serve", "--base", str(base), "--adapters", str(adapters), *args], "/health")
+
+
+@contextlib.contextmanager
+def ui_page(runs: Path):
+    """(url, page): `peftkit ui` over ``runs`` and a headless chromium page, both closed afterwards."""
+    from playwright import sync_api
+
+    ui = UiProcess(runs)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = browser_or_fail(playwright)
             try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("peftkit serve did not answer within 120 s")
+                yield ui.url, browser.new_page(viewport={"width": 1200, "height": 900})
+            finally:
+                browser.close()
+    finally:
+        ui.stop()
+
+
+def shot(page, name: str) -> None:
+    """A full-page screenshot into the test artifacts."""
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
