@@ -230,7 +230,7 @@ def test_a_layer_that_cannot_mix_and_holds_none_of_the_batch_stays_out_of_it():
 
 
 def test_grouped_rows_with_uneven_groups_follow_every_change():
-    """Without gradients the rows are grouped by adapter and the groups are cached per layer: uneven groups (padded),
+    """Decoding without gradients groups the rows by adapter and caches the groups per layer: uneven groups (padded),
     base rows, and every change (another row layout, B trained in place, a re-created adapter, a new scaling) must
     show in the next mixed forward."""
     torch.manual_seed(3)
@@ -240,7 +240,7 @@ def test_grouped_rows_with_uneven_groups_follow_every_change():
     randomize(model, "a", seed=1)
     randomize(model, "b", seed=2)
     model.eval()
-    x = torch.randn(6, 3, 16)
+    x = torch.randn(6, 1, 16)  # one token a row (decoding): the grouped path
 
     def alone(name: str, row: torch.Tensor) -> torch.Tensor:
         if name == "base":
@@ -269,3 +269,5 @@ def test_grouped_rows_with_uneven_groups_follow_every_change():
     check(["b", "base", "b", "b", "a", "b"])
     model.base_model[0].scaling["a"] = 7.0
     check(["b", "base", "b", "b", "a", "b"])
+    x = torch.randn(6, 5, 16)  # long rows: the per-row gathered factors, the same answers
+    check(["a", "a", "a", "b", "base", "a"])

@@ -1,10 +1,11 @@
 """Mixed batches on LoRA Linear/Conv1D layers: row i of the batch gets adapter ``layer.row_adapters[i]``.
 
-Without gradients (serving, generation) the rows are grouped by adapter (``RowGroups``, cached per layer while the
+Without gradients and with few tokens a row (decoding) the rows are grouped by adapter (``RowGroups``, cached per layer while the
 rows' adapters and the adapters' tensors stay the same): one gather of the input rows into equal-size groups, two
 batched matmuls against the stacked factors of the adapters in the batch, one scatter-add into the base output.
 Each row costs its own adapter's rank only, and no per-row copy of the factors is made (as Punica's / S-LoRA's
-grouped kernels do). With gradients the factors are gathered per row from a stack of all the layer's adapters
+grouped kernels do). Otherwise (gradients, or long sequences, where copying the input costs more than copying
+each row's factors) the factors are gathered per row from a stack of all the layer's adapters
 (cached by ``AdapterLayer.stacked``) and applied with batched matmuls. Which adapters may join such a batch is the
 layer's answer (``mixed_refusal``: plain LoRA mixes, DoRA does not); ``peftkit.mixing`` routes the rows.
 """
@@ -115,7 +116,10 @@ def mixed_lora_forward(layer: "LoraLinear", x: torch.Tensor, *args, **kwargs) ->
     result = layer.base_layer(x, *args, **kwargs)
     if layer.disabled:
         return result
-    if not torch.is_grad_enabled():
+    # grouping copies the input and the delta (2·tokens values a row per feature), gathering copies each row's
+    # factors (r a row per feature): grouping pays for decoding (one token a row), not for long sequences
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])
+    if not torch.is_grad_enabled() and 2 * tokens <= max(layer.r.values(), default=0):
         groups = row_groups(layer)
         if not groups.any_adapter:
             return result
