@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ FILES = {"train": "wnut17train.conll", "dev": "emerging.dev.conll", "test": "eme
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
 COMMON = {"task": "token-classification", "model": "minilm", "max_length": 128, "batch_size": 32,
-          "warmup_ratio": 0.06, "lr_scheduler": "linear", "eval_strategy": "no", "quiet": True, "num_threads": 2}
+          "warmup_ratio": 0.06, "lr_scheduler": "linear", "eval_strategy": "no", "quiet": True}
 METHODS = {
     "lora-qv": {"method": "lora", "lora": {**LORA, "target_modules": ["query", "value"]}, "learning_rate": 1e-3},
     "lora-all": {"method": "lora", "lora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 1e-3},
@@ -112,8 +113,38 @@ def record(log: str | None, result: dict) -> None:
             handle.write(json.dumps(result) + "\n")
 
 
+def _claim_file(log: str, method: str, seed: int) -> Path:
+    return Path(f"{log}.claims") / f"{method}-{seed}"
+
+
+def claim(log: str | None, method: str, seed: int) -> bool:
+    """Take (method, seed) for this process, so that several processes sharing one log split the runs. A claim
+    whose process is gone is taken over."""
+    if not log:
+        return True
+    path = _claim_file(log, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # another live process runs it
+        except (ProcessLookupError, ValueError):
+            path.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def release(log: str | None, method: str, seed: int) -> None:
+    if log:
+        _claim_file(log, method, seed).unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------- methods
-def method_child(method: str, seed: int, workdir: Path, budget: str) -> None:
+def method_child(method: str, seed: int, workdir: Path, budget: str, threads: int) -> None:
     """One ``peftkit train`` run in this (fresh) process; prints one JSON line."""
     import peftkit.train.trainer as trainer
     from peftkit.train.config import validate
@@ -121,7 +152,8 @@ def method_child(method: str, seed: int, workdir: Path, budget: str) -> None:
     _, epochs, _ = BUDGETS[budget]
     paths = files(workdir, budget)
     values = {**COMMON, **METHODS[method], "seed": seed, "epochs": epochs, "train_file": paths["train"],
-              "dev_file": paths["dev"], "test_file": paths["test"], "output_dir": str(workdir / f"{method}-{seed}")}
+              "dev_file": paths["dev"], "test_file": paths["test"], "output_dir": str(workdir / f"{method}-{seed}"),
+              "num_threads": threads}
     if budget == "smoke":
         values["max_steps"] = SMOKE_STEPS
     start = time.perf_counter()
@@ -131,22 +163,25 @@ def method_child(method: str, seed: int, workdir: Path, budget: str) -> None:
                       "test_f1": report["test"]["f1"], "test_macro_f1": report["test"]["macro_f1"],
                       "dev_f1": report["dev"]["f1"], "trainable": report["trainable_parameters"],
                       "share": report["trainable_share"], "steps": report["steps"], "seconds": seconds,
-                      "peak_rss": common.peak_rss_bytes(), "lr": values["learning_rate"]}))
+                      "peak_rss": common.peak_rss_bytes(), "lr": values["learning_rate"], "threads": threads}))
 
 
 def run_methods(args, methods: list[str], seeds: list[int], workdir: str) -> list[dict]:
     results = logged(args.log, "methods", args.budget)
-    for method in methods:
-        for seed in seeds:
-            if any(r["method"] == method and r["seed"] == seed for r in results):
+    for seed in seeds:  # seed-major: an interrupted run has every method on the first seeds
+        for method in methods:
+            results = logged(args.log, "methods", args.budget) or results  # another process may have logged it
+            if any(r["method"] == method and r["seed"] == seed for r in results) or not claim(args.log, method, seed):
                 continue
-            command = [sys.executable, __file__, "--child", method, str(seed), "--workdir", workdir, "--budget", args.budget]
+            command = [sys.executable, __file__, "--child", method, str(seed), "--workdir", workdir, "--budget", args.budget,
+                       "--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{method} seed {seed} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results.append(result)
             record(args.log, result)
+            release(args.log, method, seed)
             print(f"{method:10s} seed {seed}  test F1 {100 * result['test_f1']:.2f}  dev F1 {100 * result['dev_f1']:.2f}"
                   f"  {result['seconds'] / 60:.1f} min", flush=True)
     return [r for r in results if r["method"] in methods and r["seed"] in seeds]
@@ -274,6 +309,7 @@ def parity_run(arm: str, seed: int, tagging: Tagging, budget: str) -> dict:
             step += 1
     seconds = time.perf_counter() - start
     return {"part": "parity", "budget": budget, "arm": arm, "seed": seed, "test_f1": tagging.f1(model),
+            "threads": torch.get_num_threads(),
             "seconds": seconds, "trainable": sum(p.numel() for p in params), "targets": targets, "head": head}
 
 
@@ -372,12 +408,13 @@ def main() -> None:
     parser.add_argument("--log", help="JSON lines: every result is appended as it comes; results already there "
                                       "(same budget) are reused, so an interrupted run resumes")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--note", default="", help="conditions to state with the results (e.g. what else was running)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        method_child(args.child[0], int(args.child[1]), Path(args.workdir), args.budget)
+        method_child(args.child[0], int(args.child[1]), Path(args.workdir), args.budget, args.threads)
         return
     if not WNUT.is_dir():
         raise SystemExit(f"WNUT-17 is not at {WNUT}")
@@ -407,13 +444,14 @@ def main() -> None:
                  f"sentences), entity micro F1 (seqeval, strict IOB2) in %, final model; budget {args.budget}: "
                  f"{train_size or 'all 3,394'} training sentences, {epochs} epochs, batch 32, max_length 128 (longer "
                  "sentences in windows), AdamW (weight decay 0.01), 6% warm-up then linear decay, fp32, "
-                 f"{args.threads} threads; std over seeds {args.seeds}. Methods through `peftkit train`: LoRA/DoRA r={LORA['r']} "
+                 f"speed part {args.threads} threads; std over seeds {args.seeds}. Methods through `peftkit train`: LoRA/DoRA r={LORA['r']} "
                  f"alpha={LORA['alpha']} dropout {LORA['dropout']} (q,v = query,value; all = every Linear but the head), "
                  "bottleneck pfeiffer reduction 16, head = the token head alone. Parity: one plain loop, LoRA on "
                  f"{', '.join(PARITY_TARGETS)}, lr {PARITY_LR:g}, no gradient clipping; per seed the same data order, "
                  "head init, initial A and sub-token alignment (peftkit's task) in both arms (`peftkit train` clips gradients "
                  "at norm 1.0). PEFT "
                  f"{version('peft')}, transformers {version('transformers')}.")
+        notes += f" {args.note}" if args.note else ""
         common.append_results(f"NER: WNUT-17 entity F1 and step time (budget: {args.budget})", text, notes)
 
 
