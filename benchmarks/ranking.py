@@ -6,7 +6,8 @@ interactions (each user's last k ratings by time; see examples/recsys_movielens/
     python benchmarks/ranking.py --data runs/movielens_data --out /tmp/rank_smoke --max_queries 8 --max_steps 2
 
 Prints a markdown table (and writes results.json in --out). A finished run already in --out is reused and an
-interrupted one resumes from its checkpoint. Research use only (MovieLens licence).
+interrupted one resumes from its checkpoint (its "train s" is then the time of the last part only). Research use only
+(MovieLens licence).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def tuned(method: str, args, test: Path) -> dict:
     overrides = ["--task", "ranking", "--model", args.model, "--method", method, "--train_file",
                  str(args.data / "train.jsonl"), "--dev_file", str(args.data / "dev.jsonl"), "--output_dir", str(out),
                  "--max_length", str(args.max_length), "--batch_size", "8", "--eval_batch_size", "4", "--quiet", "true",
-                 "--learning_rate", str(args.lr[method]), "--epochs", str(args.epochs)]
+                 "--learning_rate", str(args.lr[method]), "--epochs", str(args.epochs),
+                 "--save_steps", str(args.save_steps)]
     if args.max_steps:
         overrides += ["--max_steps", str(args.max_steps)]
     timing = out / "benchmark_train_seconds.json"
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="a smoke run")
     parser.add_argument("--max_queries", type=int, default=None, help="only the first N test users (a smoke run)")
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--save_steps", type=int, default=50, help="checkpoint every N steps (an interrupted run resumes)")
     args = parser.parse_args()
     args.lr = {"lora": 3e-4, "head": 1e-3, "full": 3e-5}
     Path(args.out).mkdir(parents=True, exist_ok=True)
