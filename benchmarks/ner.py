@@ -6,6 +6,14 @@ peftkit LoRA next to Hugging Face PEFT LoRA, and the train-step time of LoRA aga
     python benchmarks/ner.py --parts methods --methods lora-all,full --seeds 0
     python benchmarks/ner.py --budget smoke --seeds 0 --no-append   # a few steps on a slice: checks the script runs
 
+On 2 cores, two processes of one thread each finish sooner than one of two threads; they split the runs through
+the shared log (each run is claimed by one process), and a last run of every part on an idle machine times the
+speed part and writes the table from the log:
+
+    python benchmarks/ner.py --parts methods --threads 1 --log ner.jsonl --no-append &   # twice
+    python benchmarks/ner.py --parts parity --threads 1 --log ner.jsonl --no-append
+    python benchmarks/ner.py --log ner.jsonl                   # reuses the logged runs, times the speed part
+
 Data: ../shared/data/wnut17 (CC-BY 4.0; see its SOURCE.md): train 3,394 sentences, dev 1,009, test 1,287, six
 entity types, IOB2. Entity F1 is seqeval's micro F1 in strict IOB2 mode, on the test file, of the final model.
 
