@@ -56,8 +56,10 @@ COMMON = {"task": "token-classification", "model": "minilm", "max_length": 128, 
           "warmup_ratio": 0.06, "lr_scheduler": "linear", "eval_strategy": "no", "quiet": True}
 METHODS = {
     "lora-qv": {"method": "lora", "lora": {**LORA, "target_modules": ["query", "value"]}, "learning_rate": 1e-3},
-    "lora-all": {"method": "lora", "lora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 1e-3},
-    "dora": {"method": "dora", "dora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 1e-3},
+    # all-linear at 1e-3 left the all-O solution of the first epoch on seed 0 but not on seed 1 (test F1 0.00, LoRA
+    # and DoRA); at 5e-4 LoRA left it on seeds 0, 1 and 2 (40.55 / 42.97 / 44.18)
+    "lora-all": {"method": "lora", "lora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 5e-4},
+    "dora": {"method": "dora", "dora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 5e-4},
     "bottleneck": {"method": "bottleneck", "bottleneck": {"variant": "pfeiffer", "reduction_factor": 16},
                    "learning_rate": 1e-3},
     "head": {"method": "head", "learning_rate": 5e-3},
@@ -174,11 +176,17 @@ def method_child(method: str, seed: int, workdir: Path, budget: str, threads: in
                       "peak_rss": common.peak_rss_bytes(), "lr": values["learning_rate"], "threads": threads}))
 
 
+def current(rows: list[dict]) -> list[dict]:
+    """Logged method runs made with today's learning rate of their method (runs of an older recipe are kept in the
+    log but neither reused nor reported)."""
+    return [r for r in rows if r["method"] in METHODS and r.get("lr") == METHODS[r["method"]]["learning_rate"]]
+
+
 def run_methods(args, methods: list[str], seeds: list[int], workdir: str) -> list[dict]:
-    results = logged(args.log, "methods", args.budget)
+    results = current(logged(args.log, "methods", args.budget))
     for seed in seeds:  # seed-major: an interrupted run has every method on the first seeds
         for method in methods:
-            results = logged(args.log, "methods", args.budget) or results  # another process may have logged it
+            results = current(logged(args.log, "methods", args.budget)) or results  # another process may have logged it
             if any(r["method"] == method and r["seed"] == seed for r in results) or not claim(args.log, method, seed):
                 continue
             command = [sys.executable, __file__, "--child", method, str(seed), "--workdir", workdir, "--budget", args.budget,
