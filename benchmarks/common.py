@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
@@ -150,3 +151,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def timed_once(folder: Path, train: Callable[[bool], None]) -> float:
+    """Seconds a benchmark's training run took, measured once: ``train(resume)`` runs unless ``folder`` already holds
+    the time of a finished run (then it is reused); a run interrupted before resumes from its checkpoint (the time
+    is then that of its last part only)."""
+    from peftkit.train.folder import RunFolder
+
+    timing = Path(folder) / "benchmark_train_seconds.json"
+    if not timing.exists():
+        started = time.perf_counter()
+        train(RunFolder(folder).holds_finished_or_resumable_run())
+        timing.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+    return json.loads(timing.read_text())["seconds"]

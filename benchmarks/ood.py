@@ -26,7 +26,6 @@ import csv
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +79,6 @@ def measure(name: str, args, workdir: Path) -> list[dict]:
 
     from peftkit.tasks import ood
     from peftkit.train.config import load
-    from peftkit.train.folder import RunFolder
     from peftkit.train.run import Run
     from peftkit.train.trainer import train
 
@@ -92,12 +90,8 @@ def measure(name: str, args, workdir: Path) -> list[dict]:
     config = load(config_file, overrides)
     if args.test_limit:
         config = config.model_copy(update={"test_file": str(head_of(Path(config.test_file), args.test_limit, workdir))})
-    timing = Path(config.output_dir) / "benchmark_train_seconds.json"
-    if not timing.exists():  # with --workdir, a finished run is reused and an interrupted one resumes
-        started = time.perf_counter()
-        train(config, resume=RunFolder(config.output_dir).holds_finished_or_resumable_run())
-        timing.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
-    seconds = json.loads(timing.read_text())["seconds"]
+    # with --workdir, a finished run is reused and an interrupted one resumes
+    seconds = common.timed_once(Path(config.output_dir), lambda resume: train(config, resume=resume))
     run = Run(config.output_dir)
     datasets = run.task.load_datasets(config)  # the same seeded dev split as in training
     dev_logits = run.logits(datasets.dev)

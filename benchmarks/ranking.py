@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -68,7 +69,6 @@ def cosine(model: str, groups, max_length: int, batch: int = 64) -> dict:
 
 def tuned(method: str, args, test: Path) -> dict:
     from peftkit.train.config import load
-    from peftkit.train.folder import RunFolder
     from peftkit.train.run import Run
     from peftkit.train.trainer import train
 
@@ -80,13 +80,10 @@ def tuned(method: str, args, test: Path) -> dict:
                  "--save_steps", str(args.save_steps)]
     if args.max_steps:
         overrides += ["--max_steps", str(args.max_steps)]
-    timing = out / "benchmark_train_seconds.json"
-    if not timing.exists():  # a finished run in --out is reused; an interrupted one resumes from its checkpoint
-        start = time.perf_counter()
-        train(load(None, overrides), resume=RunFolder(out).holds_finished_or_resumable_run())
-        timing.write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+    # a finished run in --out is reused; an interrupted one resumes from its checkpoint
+    seconds = common.timed_once(out, lambda resume: train(load(None, overrides), resume=resume))
     result = Run(out).evaluate(test)
-    return {**result, "train_seconds": json.loads(timing.read_text())["seconds"]}
+    return {**result, "train_seconds": seconds}
 
 
 def main() -> None:

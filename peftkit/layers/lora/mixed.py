@@ -118,7 +118,7 @@ def mixed_lora_forward(layer: "LoraLinear", x: torch.Tensor, *args, **kwargs) ->
         return result
     # grouping copies the input and the delta (2·tokens values a row per feature), gathering copies each row's
     # factors (r a row per feature): grouping pays for decoding (one token a row), not for long sequences
-    tokens = x.numel() // (x.shape[0] * x.shape[-1])
+    tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])  # (an empty batch must not divide by zero)
     if not torch.is_grad_enabled() and 2 * tokens <= max(layer.r.values(), default=0):
         groups = row_groups(layer)
         if not groups.any_adapter:
