@@ -271,3 +271,12 @@ def test_grouped_rows_with_uneven_groups_follow_every_change():
     check(["b", "base", "b", "b", "a", "b"])
     x = torch.randn(6, 5, 16)  # long rows: the per-row gathered factors, the same answers
     check(["a", "a", "a", "b", "base", "a"])
+
+
+def test_an_empty_mixed_batch_answers_an_empty_result():
+    """A batch of no rows (zero tokens) gives an empty output of the right width, not a division by zero."""
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    model = peftkit.adapt(base, peftkit.LoraConfig(r=4, alpha=8, target_modules=["0"]), "a").eval()
+    with torch.no_grad(), model.mixed_batch([]):
+        out = model(torch.randn(0, 1, 16))
+    assert out.shape == (0, 1, 12)

@@ -54,7 +54,7 @@ class RowGroups:
         self.tensors = [t for n in adapters for t in _factors(layer, n)]
         self.versions = [t._version for t in self.tensors]
         self.scalings = [layer.scaling[n] for n in adapters]
-        self.size = max(len(m) for m in members.values())
+        self.size = max((len(m) for m in members.values()), default=0)  # 0: an empty batch
         gather, back = [], [0] * len(rows)
         for rows_of in members.values():
             for k, i in enumerate(rows_of):
