@@ -153,13 +153,31 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def timed_once(folder: Path, train: Callable[[bool], None]) -> float:
+def file_digest(path: Path) -> str:
+    """sha256 of a data file, so that a recorded run names the exact data it trained on."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def timed_once(folder: Path, train: Callable[[bool], None], settings: object) -> float:
     """Seconds a benchmark's training run took, measured once: ``train(resume)`` runs unless ``folder`` already holds
     the time of a finished run (then it is reused); a run interrupted before resumes from its checkpoint (the time
-    is then that of its last part only)."""
+    is then that of its last part only). ``settings`` (JSON-able: the run's overrides) are recorded with the run; a
+    folder holding a run of other settings is refused rather than reused."""
     from peftkit.train.folder import RunFolder
 
-    timing = Path(folder) / "benchmark_train_seconds.json"
+    folder = Path(folder)
+    recorded, timing = folder / "benchmark_settings.json", folder / "benchmark_train_seconds.json"
+    wanted = json.loads(json.dumps(settings))
+    if recorded.exists() and json.loads(recorded.read_text()) != wanted:
+        raise SystemExit(f"{folder} holds a run made with other settings ({recorded}); pass another output folder "
+                         "or delete that one")
+    if (timing.exists() or (folder / "config.yaml").exists()) and not recorded.exists():
+        raise SystemExit(f"{folder} holds a run whose settings were not recorded; pass another output folder or "
+                         "delete that one")
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(wanted))
     if not timing.exists():
         started = time.perf_counter()
         train(RunFolder(folder).holds_finished_or_resumable_run())

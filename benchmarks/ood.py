@@ -91,7 +91,9 @@ def measure(name: str, args, workdir: Path) -> list[dict]:
     if args.test_limit:
         config = config.model_copy(update={"test_file": str(head_of(Path(config.test_file), args.test_limit, workdir))})
     # with --workdir, a finished run is reused and an interrupted one resumes
-    seconds = common.timed_once(Path(config.output_dir), lambda resume: train(config, resume=resume))
+    settings = {**config.model_dump(mode="json"), "data": {k: common.file_digest(Path(getattr(config, k))) for k in
+                                                          ("train_file", "dev_file") if getattr(config, k)}}
+    seconds = common.timed_once(Path(config.output_dir), lambda resume: train(config, resume=resume), settings)
     run = Run(config.output_dir)
     datasets = run.task.load_datasets(config)  # the same seeded dev split as in training
     dev_logits = run.logits(datasets.dev)

@@ -81,7 +81,8 @@ def tuned(method: str, args, test: Path) -> dict:
     if args.max_steps:
         overrides += ["--max_steps", str(args.max_steps)]
     # a finished run in --out is reused; an interrupted one resumes from its checkpoint
-    seconds = common.timed_once(out, lambda resume: train(load(None, overrides), resume=resume))
+    settings = {"overrides": overrides, "data": {n: common.file_digest(args.data / n) for n in ("train.jsonl", "dev.jsonl")}}
+    seconds = common.timed_once(out, lambda resume: train(load(None, overrides), resume=resume), settings)
     result = Run(out).evaluate(test)
     return {**result, "train_seconds": seconds}
 
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--max_steps", type=int, default=None, help="a smoke run")
     parser.add_argument("--max_queries", type=int, default=None, help="only the first N test users (a smoke run)")
-    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--max_length", type=int, default=160, help="as examples/recsys_movielens/config.yaml")
     parser.add_argument("--save_steps", type=int, default=50, help="checkpoint every N steps (an interrupted run resumes)")
     args = parser.parse_args()
     args.lr = {"lora": 3e-4, "head": 1e-3, "full": 3e-5}

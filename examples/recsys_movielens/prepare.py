@@ -122,14 +122,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the defaults size one LoRA epoch and both test evaluations for a 2-core CPU (tens of minutes, not hours)
     parser.add_argument("--source", default="../shared/data/movielens_latest_small", help="folder with ratings.csv etc.")
     parser.add_argument("--out", default="runs/movielens_data", help="output folder (runs/ is ignored by git)")
     parser.add_argument("--k", type=int, default=10, help="ratings per user held out (the last k by time)")
-    parser.add_argument("--negatives", type=int, default=100, help="sampled unseen items per test user")
-    parser.add_argument("--dev_negatives", type=int, default=50)
-    parser.add_argument("--train_negatives", type=int, default=7, help="sampled negatives per training positive")
-    parser.add_argument("--train_windows", type=int, default=3, help="windows of k ratings per user used for training")
-    parser.add_argument("--profile_items", type=int, default=10)
+    parser.add_argument("--negatives", type=int, default=50, help="sampled unseen items per test user")
+    parser.add_argument("--dev_negatives", type=int, default=20)
+    parser.add_argument("--train_negatives", type=int, default=3, help="sampled negatives per training positive")
+    parser.add_argument("--train_windows", type=int, default=2, help="windows of k ratings per user used for training")
+    parser.add_argument("--profile_items", type=int, default=5,
+                        help="highest-rated earlier items in a profile (5 keep a pair near 110 tokens)")
     parser.add_argument("--max_users", type=int, default=None, help="only the first N users (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
