@@ -183,3 +183,41 @@ def timed_once(folder: Path, train: Callable[[bool], None], settings: object) ->
         train(RunFolder(folder).holds_finished_or_resumable_run())
         timing.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
     return json.loads(timing.read_text())["seconds"]
+
+
+# ------------------------------------------------ logs shared by several benchmark processes
+def record(log: str | None, result: dict) -> None:
+    """Append one result to a JSON-lines log (several processes may share it)."""
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result) + "\n")
+
+
+def _claim_file(log: str, method: str, seed: int | str) -> Path:
+    return Path(f"{log}.claims") / f"{method}-{seed}"
+
+
+def claim(log: str | None, method: str, seed: int | str) -> bool:
+    """Take (method, seed) for this process, so that several processes sharing one log split the runs. A claim
+    whose process is gone is taken over."""
+    if not log:
+        return True
+    path = _claim_file(log, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # another live process runs it
+        except (ProcessLookupError, ValueError):
+            path.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def release(log: str | None, method: str, seed: int | str) -> None:
+    if log:
+        _claim_file(log, method, seed).unlink(missing_ok=True)

@@ -5,6 +5,8 @@ Gemma-3-270m (multilingual), LoRA on every linear layer.
     python benchmarks/multilingual.py --budget short           # FinFE 1 epoch, FPB 2 epochs
     python benchmarks/multilingual.py --budget smoke           # 16 training examples, 16 scored: checks the plumbing
     python benchmarks/multilingual.py --datasets finfe --bases gemma3-270m --append   # add the table to RESULTS.md
+    python benchmarks/multilingual.py --budget short --threads 1 --log ml.jsonl &     # twice: the runs are split
+    python benchmarks/multilingual.py --budget short --log ml.jsonl --append          # then the table from the log
 
 Datasets (read from ../shared/data, never copied into the repository):
 - finfe: FinFE (BBT-FinCUGE, Chinese financial social-media posts, negative / neutral / positive), cleaned by
@@ -87,7 +89,15 @@ def unknown_share(model_path: str, csv_file: str) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
 
 
-def child(dataset: str, base: str, workdir: Path, budget: str) -> None:
+def logged(log: str | None, budget: str, dataset: str, base: str) -> list[dict]:
+    """Results of this budget, dataset and base already in the log."""
+    if not log or not Path(log).exists():
+        return []
+    rows = [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("budget") == budget and r["dataset"] == dataset and r["base"] == base]
+
+
+def child(dataset: str, base: str, workdir: Path, budget: str, threads: int) -> None:
     """One training run in this (fresh) process; prints one JSON line."""
     import peftkit.train.trainer as trainer
     from peftkit.train.config import validate
@@ -99,7 +109,8 @@ def child(dataset: str, base: str, workdir: Path, budget: str) -> None:
     for split in ("dev", "test"):
         if f"{split}_file" in keys:
             keys[f"{split}_file"] = head(keys[f"{split}_file"], workdir / f"{dataset}_{split}_{eval_size}.csv", eval_size)
-    values = {**COMMON, **keys, **BASES[base], "epochs": epochs, "output_dir": str(workdir / f"{dataset}-{base}")}
+    values = {**COMMON, **keys, **BASES[base], "epochs": epochs, "output_dir": str(workdir / f"{dataset}-{base}"),
+              "num_threads": threads}
     config = validate(values)
     unk = unknown_share(resolve_model(config.model), keys["train_file"])  # also converts gemma3-270m on first use
     start = time.perf_counter()
@@ -109,7 +120,7 @@ def child(dataset: str, base: str, workdir: Path, budget: str) -> None:
                       "macro_f1": report[scored]["macro_f1"], "seconds": seconds, "unk": unk,
                       "trainable": report["trainable_parameters"], "share": report["trainable_share"],
                       "peak_rss": common.peak_rss_bytes(), "epochs": epochs, "lr": values["learning_rate"],
-                      "train_size": train_size, "eval_size": eval_size}))
+                      "train_size": train_size, "eval_size": eval_size, "budget": budget, "threads": threads}))
 
 
 def main() -> None:
@@ -118,29 +129,38 @@ def main() -> None:
     parser.add_argument("--bases", default=",".join(BASES), help=f"comma-separated: {', '.join(BASES)}")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--append", action="store_true", help="add the table to benchmarks/RESULTS.md")
-    parser.add_argument("--log", help="also write each result as a JSON line to this file as soon as it is measured")
+    parser.add_argument("--log", help="write each result as a JSON line to this file as soon as it is measured; runs "
+                        "already logged for this budget are reused, and several processes sharing the log split the runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, Path(args.workdir), args.budget)
+        child(*args.child, Path(args.workdir), args.budget, args.threads)
         return
-    results = []
+    unlogged: list[dict] = []
+    wanted = [(d, b) for d in args.datasets.split(",") for b in args.bases.split(",")]
     with tempfile.TemporaryDirectory(prefix="peftkit-multilingual-") as workdir:
-        for dataset in args.datasets.split(","):
-            for base in args.bases.split(","):
-                command = [sys.executable, __file__, "--child", dataset, base, "--workdir", workdir,
-                           "--budget", args.budget]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{dataset}/{base} failed:\n{done.stderr[-3000:]}")
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                results.append(result)
-                if args.log:
-                    with open(args.log, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(result) + "\n")
-                print(f"{dataset:6s} {base:12s} acc {100 * result['accuracy']:.2f}  macro-F1 "
-                      f"{100 * result['macro_f1']:.2f}  {result['seconds'] / 60:.1f} min", flush=True)
+        for dataset, base in wanted:
+            if logged(args.log, args.budget, dataset, base) or not common.claim(args.log, f"{dataset}-{base}", args.budget):
+                continue
+            command = [sys.executable, __file__, "--child", dataset, base, "--workdir", workdir,
+                       "--budget", args.budget, "--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{dataset}/{base} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if args.log:
+                common.record(args.log, result)
+                common.release(args.log, f"{dataset}-{base}", args.budget)
+            else:
+                unlogged.append(result)
+            print(f"{dataset:6s} {base:12s} acc {100 * result['accuracy']:.2f}  macro-F1 "
+                  f"{100 * result['macro_f1']:.2f}  {result['seconds'] / 60:.1f} min", flush=True)
+    results = unlogged + [r for d, b in wanted for r in logged(args.log, args.budget, d, b)[:1]]
+    missing = [f"{d}/{b}" for d, b in wanted if not any(r["dataset"] == d and r["base"] == b for r in results)]
+    if missing:  # another process still runs them
+        print(f"not in the table yet (running elsewhere): {', '.join(missing)}")
     rows = [[r["dataset"], r["base"], f"{100 * r['accuracy']:.2f}", f"{100 * r['macro_f1']:.2f}",
              f"{r['seconds'] / 60:.1f}", f"{100 * r['unk']:.1f}", f"{r['trainable']:,} ({100 * r['share']:.2f}%)",
              f"{r['peak_rss'] / 1e9:.2f}", str(r["epochs"]), f"{r['train_size'] or 'all'}", r["scored"],
@@ -153,7 +173,7 @@ def main() -> None:
         common.append_results(f"Multilingual: financial sentiment, MiniLM vs Gemma-3-270m (budget: {args.budget})",
                               table, "LoRA all-linear r=8 alpha=16 dropout 0.1, pooling auto (MiniLM: mean; Gemma: "
                               "last non-padding token), max_length 64, batch 32, AdamW, warm-up 6% then linear decay, "
-                              "seed 0, fp32, 2 threads. FinFE scored on its cleaned test set, FPB on quality.py's "
+                              f"seed 0, fp32, {'/'.join(sorted({str(r.get('threads', 2)) for r in results}))} thread(s) per run. FinFE scored on its cleaned test set, FPB on quality.py's "
                               "held-out 20%. Final model evaluated once.")
 
 

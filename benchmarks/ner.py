@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -118,40 +117,7 @@ def logged(log: str | None, part: str, budget: str) -> list[dict]:
     return [r for r in rows if r.get("part") == part and r.get("budget") == budget]
 
 
-def record(log: str | None, result: dict) -> None:
-    if log:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(result) + "\n")
-
-
-def _claim_file(log: str, method: str, seed: int) -> Path:
-    return Path(f"{log}.claims") / f"{method}-{seed}"
-
-
-def claim(log: str | None, method: str, seed: int) -> bool:
-    """Take (method, seed) for this process, so that several processes sharing one log split the runs. A claim
-    whose process is gone is taken over."""
-    if not log:
-        return True
-    path = _claim_file(log, method, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(path.read_text() or 0), 0)
-            return False  # another live process runs it
-        except (ProcessLookupError, ValueError):
-            path.write_text(str(os.getpid()))
-            return True
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
-    return True
-
-
-def release(log: str | None, method: str, seed: int) -> None:
-    if log:
-        _claim_file(log, method, seed).unlink(missing_ok=True)
+record, claim, release = common.record, common.claim, common.release
 
 
 # ---------------------------------------------------------------------------------------------- methods
