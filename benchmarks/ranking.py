@@ -77,7 +77,7 @@ def tuned(method: str, args, test: Path) -> dict:
                  str(args.data / "train.jsonl"), "--dev_file", str(args.data / "dev.jsonl"), "--output_dir", str(out),
                  "--max_length", str(args.max_length), "--batch_size", "8", "--eval_batch_size", "4", "--quiet", "true",
                  "--learning_rate", str(args.lr[method]), "--epochs", str(args.epochs),
-                 "--save_steps", str(args.save_steps)]
+                 "--save_steps", str(args.save_steps), "--num_threads", str(args.threads)]
     if args.max_steps:
         overrides += ["--max_steps", str(args.max_steps)]
     # a finished run in --out is reused; an interrupted one resumes from its checkpoint
@@ -97,8 +97,12 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="a smoke run")
     parser.add_argument("--max_queries", type=int, default=None, help="only the first N test users (a smoke run)")
     parser.add_argument("--max_length", type=int, default=160, help="as examples/recsys_movielens/config.yaml")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (training and scoring)")
     parser.add_argument("--save_steps", type=int, default=50, help="checkpoint every N steps (an interrupted run resumes)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)  # the baselines and the test scoring run in this process
     args.lr = {"lora": 3e-4, "head": 1e-3, "full": 3e-5}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     groups = _groups(args.data / "test.jsonl", args.max_queries)
