@@ -62,9 +62,9 @@ def profile(history: list[tuple[int, int, float]], texts: dict[int, str], size: 
     return "liked: " + "; ".join(texts[m].split(". tags:")[0] for _, m, _ in best)
 
 
-def prepare(source: Path, out: Path, k: int = 10, negatives: int = 100, train_negatives: int = 7,
-            profile_items: int = 10, min_history: int = 5, train_windows: int = 3, dev_share: float = 0.1,
-            dev_negatives: int = 50, seed: int = 0, max_users: int | None = None) -> dict:
+def prepare(source: Path, out: Path, k: int = 10, negatives: int = 50, train_negatives: int = 3,
+            profile_items: int = 5, min_history: int = 5, train_windows: int = 2, dev_share: float = 0.1,
+            dev_negatives: int = 20, seed: int = 0, max_users: int | None = None) -> dict:
     texts = item_texts(source)
     users = user_histories(source)
     if max_users:
