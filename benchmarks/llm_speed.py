@@ -70,10 +70,11 @@ def load_base():
     return AutoModelForCausalLM.from_pretrained(smollm2(), dtype=torch.float32)
 
 
-def lora_config(dropout: float = DROPOUT):
+def lora_config(dropout: float = DROPOUT, shared_dropout_mask: bool = False):
     import peftkit
 
-    return peftkit.LoraConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules="all-linear")
+    return peftkit.LoraConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules="all-linear",
+                              shared_dropout_mask=shared_dropout_mask)
 
 
 def randomize(model, seed: int, scale: float = 0.02) -> None:
@@ -124,8 +125,13 @@ def floor_model():
 
 
 def train_models(workdir: Path) -> dict[str, torch.nn.Module]:
+    import peftkit
+
     ours, theirs = adapter_pair(workdir, 1, trainable=True)
-    return {"floor": floor_model(), "peftkit": ours, "peft": theirs}
+    # the opt-in speed mode: the layers that read one tensor (q/k/v, gate/up) share one dropout mask and run their
+    # down-projections as one matmul (PEFT, and peftkit's default, draw a mask per layer); timed, not compared
+    shared = peftkit.adapt(load_base(), lora_config(shared_dropout_mask=True), adapter_name="a0")
+    return {"floor": floor_model(), "peftkit": ours, "peft": theirs, "peftkit-shared": shared}
 
 
 def check_training(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor]) -> str:
@@ -135,7 +141,7 @@ def check_training(models: dict[str, torch.nn.Module], inputs: dict[str, torch.T
         model.eval()
         loss = model(**inputs).loss
         losses[name] = loss.item()
-        if name != "floor":
+        if name not in ("floor", "peftkit-shared"):
             loss.backward()
             # the same key in both libraries: "layers.0.self_attn.q_proj.lora_A.a0.weight"
             grads[name] = {k[k.index("layers."):]: p.grad.clone()
@@ -213,7 +219,9 @@ def training_part(sizes: Sizes, repeats: int, memory: bool, quick: bool) -> tupl
     rows = [["floor (frozen base, input gradients)", f"{floor:.2f}", "1.00", "–", memory_cell("floor")],
             ["PEFT", f"{med['peft']:.2f}", f"{med['peft'] / floor:.2f}", "1.00", memory_cell("peft")],
             ["peftkit", f"{med['peftkit']:.2f}", f"{med['peftkit'] / floor:.2f}", f"{med['peftkit'] / med['peft']:.2f}",
-             memory_cell("peftkit")]]
+             memory_cell("peftkit")],
+            ["peftkit, shared dropout mask (opt-in)", f"{med['peftkit-shared']:.2f}",
+             f"{med['peftkit-shared'] / floor:.2f}", f"{med['peftkit-shared'] / med['peft']:.2f}", "–"]]
     verdicts = [_verdict("train peftkit/floor", med["peftkit"] / floor, "<=", 1.15),
                 _verdict("train peftkit/PEFT", med["peftkit"] / med["peft"], "<=", 0.8)]
     if mem:

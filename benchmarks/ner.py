@@ -55,14 +55,19 @@ COMMON = {"task": "token-classification", "model": "minilm", "max_length": 128, 
           "warmup_ratio": 0.06, "lr_scheduler": "linear", "eval_strategy": "no", "quiet": True}
 METHODS = {
     "lora-qv": {"method": "lora", "lora": {**LORA, "target_modules": ["query", "value"]}, "learning_rate": 1e-3},
-    # all-linear at 1e-3 left the all-O solution of the first epoch on seed 0 but not on seed 1 (test F1 0.00, LoRA
-    # and DoRA); at 5e-4 LoRA left it on seeds 0, 1 and 2 (40.55 / 42.97 / 44.18)
-    "lora-all": {"method": "lora", "lora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 5e-4},
-    "dora": {"method": "dora", "dora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 5e-4},
+    # all-linear at 1e-3 with 6% warm-up left the all-O solution of the first epoch on seed 0 but not on seed 1 (test
+    # F1 0.00, LoRA and DoRA); at 5e-4 every seed left it but lower (40.55 / 42.97 / 44.18); 1e-3 with 20% warm-up
+    # leaves it within the first epoch (seed 1: dev F1 0.37 after epoch 1, 0.58 after 5)
+    "lora-all": {"method": "lora", "lora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 1e-3,
+                 "warmup_ratio": 0.2},
+    "dora": {"method": "dora", "dora": {**LORA, "target_modules": "all-linear"}, "learning_rate": 1e-3,
+             "warmup_ratio": 0.2},
     "bottleneck": {"method": "bottleneck", "bottleneck": {"variant": "pfeiffer", "reduction_factor": 16},
                    "learning_rate": 1e-3},
     "head": {"method": "head", "learning_rate": 5e-3},
     "full": {"method": "full", "learning_rate": 1e-4},
+    # a control: full fine-tuning with the warm-up that LoRA all-linear needs (is the gap the method or the recipe?)
+    "full-warm20": {"method": "full", "learning_rate": 1e-4, "warmup_ratio": 0.2},
 }
 # training sentences (None: all), epochs, test sentences (None: all)
 BUDGETS = {"full": (None, 5, None), "quick": (1000, 2, None), "smoke": (300, 1, 60)}
@@ -70,7 +75,10 @@ SMOKE_STEPS = 3
 # parity: LoRA on every Linear of the encoder, named explicitly so that both libraries adapt the same modules
 # (PEFT's "all-linear" on a token classifier would also wrap the head)
 PARITY_TARGETS = ["query", "key", "value", "dense"]
-PARITY_LR = METHODS["lora-all"]["learning_rate"]  # the recipe's (at 1e-3 both arms stayed at all-O on seed 0)
+# one fixed configuration for both arms: the all-linear recipe before its warm-up was raised (lr 5e-4, 6% warm-up);
+# at 1e-3 with 6% warm-up both arms stayed at all-O on seed 0
+PARITY_LR = 5e-4
+PARITY_WARMUP = 0.06
 PARITY_CLIP = 1.0  # gradient norm, as `peftkit train` clips
 
 
@@ -140,13 +148,19 @@ def method_child(method: str, seed: int, workdir: Path, budget: str, threads: in
                       "test_f1": report["test"]["f1"], "test_macro_f1": report["test"]["macro_f1"],
                       "dev_f1": report["dev"]["f1"], "trainable": report["trainable_parameters"],
                       "share": report["trainable_share"], "steps": report["steps"], "seconds": seconds,
-                      "peak_rss": common.peak_rss_bytes(), "lr": values["learning_rate"], "threads": threads}))
+                      "peak_rss": common.peak_rss_bytes(), "lr": values["learning_rate"],
+                      "warmup": values["warmup_ratio"], "threads": threads}))
+
+
+def warmup_of(method: str) -> float:
+    return METHODS[method].get("warmup_ratio", COMMON["warmup_ratio"])
 
 
 def current(rows: list[dict]) -> list[dict]:
-    """Logged method runs made with today's learning rate of their method (runs of an older recipe are kept in the
-    log but neither reused nor reported)."""
-    return [r for r in rows if r["method"] in METHODS and r.get("lr") == METHODS[r["method"]]["learning_rate"]]
+    """Logged method runs made with today's learning rate and warm-up of their method (runs of an older recipe are
+    kept in the log but neither reused nor reported; rows from before warm-up was logged had the common 6%)."""
+    return [r for r in rows if r["method"] in METHODS and r.get("lr") == METHODS[r["method"]]["learning_rate"]
+            and r.get("warmup", COMMON["warmup_ratio"]) == warmup_of(r["method"])]
 
 
 def run_methods(args, methods: list[str], seeds: list[int], workdir: str) -> list[dict]:
@@ -184,14 +198,17 @@ def methods_table(results: list[dict], methods: list[str], seeds: list[int]) -> 
                        mean_std([100 * r["dev_f1"] for r in mine.values()]),
                        f"{first['trainable']:,} ({100 * first['share']:.2f}%)",
                        f"{statistics.mean(r['seconds'] for r in mine.values()) / 60:.1f}",
-                       f"{max(r['peak_rss'] for r in mine.values()) / 1e9:.2f}", f"{first['lr']:g}"])
+                       f"{max(r['peak_rss'] for r in mine.values()) / 1e9:.2f}", f"{first['lr']:g}",
+                       f"{100 * warmup_of(method):g}%"])
     header = (["method"] + [f"test F1 seed {s}" for s in seeds] +
-              ["test F1 mean ± std", "test macro-F1", "dev F1", "trainable params", "train min", "peak RSS GB", "lr"])
+              ["test F1 mean ± std", "test macro-F1", "dev F1", "trainable params", "train min", "peak RSS GB", "lr", "warm-up"])
     verdicts = []
-    if "lora-all" in means and "full" in means:
-        gap = means["full"] - means["lora-all"]
-        verdicts.append(f"{'PASS' if gap <= 1 else 'MISS'} LoRA all-linear within 1 F1 point of full fine-tuning: "
-                        f"{means['lora-all']:.2f} vs {means['full']:.2f} (gap {gap:+.2f})")
+    full = [m for m in means if METHODS[m]["method"] == "full"]
+    if "lora-all" in means and full:
+        best = max(full, key=means.get)  # against the better full fine-tuning recipe
+        gap = means[best] - means["lora-all"]
+        verdicts.append(f"{'PASS' if gap <= 1 else 'MISS'} LoRA all-linear within 1 F1 point of full fine-tuning "
+                        f"({best}): {means['lora-all']:.2f} vs {means[best]:.2f} (gap {gap:+.2f})")
     return common.markdown_table(header, rows), verdicts
 
 
@@ -275,7 +292,7 @@ def parity_run(arm: str, seed: int, tagging: Tagging, budget: str) -> dict:
     if budget == "smoke":
         total = SMOKE_STEPS
     optimizer = torch.optim.AdamW(params, lr=PARITY_LR, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * total), total)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(PARITY_WARMUP * total), total)
     order = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the base model's own dropouts
     model.train()
@@ -293,14 +310,15 @@ def parity_run(arm: str, seed: int, tagging: Tagging, budget: str) -> dict:
             step += 1
     seconds = time.perf_counter() - start
     return {"part": "parity", "budget": budget, "arm": arm, "seed": seed, "test_f1": tagging.f1(model),
-            "threads": torch.get_num_threads(), "lr": PARITY_LR, "clip": PARITY_CLIP,
+            "threads": torch.get_num_threads(), "lr": PARITY_LR, "warmup": PARITY_WARMUP, "clip": PARITY_CLIP,
             "seconds": seconds, "trainable": sum(p.numel() for p in params), "targets": targets, "head": head}
 
 
 def run_parity(args, seeds: list[int], paths: dict[str, str]) -> list[dict]:
     def current_parity() -> list[dict]:  # rows of an older setup stay in the log, neither reused nor reported
         return [r for r in logged(args.log, "parity", args.budget)
-                if r.get("lr") == PARITY_LR and r.get("clip") == PARITY_CLIP]
+                if r.get("lr") == PARITY_LR and r.get("clip") == PARITY_CLIP
+                and r.get("warmup", COMMON["warmup_ratio"]) == PARITY_WARMUP]
 
     results, tagging = current_parity(), None
     for seed in seeds:
@@ -432,11 +450,11 @@ def main() -> None:
         notes = (f"WNUT-17 test file ({'all 1,287' if BUDGETS[args.budget][2] is None else BUDGETS[args.budget][2]} "
                  f"sentences), entity micro F1 (seqeval, strict IOB2) in %, final model; budget {args.budget}: "
                  f"{train_size or 'all 3,394'} training sentences, {epochs} epochs, batch 32, max_length 128 (longer "
-                 "sentences in windows), AdamW (weight decay 0.01), 6% warm-up then linear decay, fp32, "
+                 "sentences in windows), AdamW (weight decay 0.01), linear warm-up (share in the table) then linear decay, fp32, "
                  f"speed part {args.threads} threads; std over seeds {args.seeds}. Methods through `peftkit train`: LoRA/DoRA r={LORA['r']} "
                  f"alpha={LORA['alpha']} dropout {LORA['dropout']} (q,v = query,value; all = every Linear but the head), "
                  "bottleneck pfeiffer reduction 16, head = the token head alone. Parity: one plain loop, LoRA on "
-                 f"{', '.join(PARITY_TARGETS)}, lr {PARITY_LR:g}, gradients clipped at norm {PARITY_CLIP:g}; per seed the same data order, "
+                 f"{', '.join(PARITY_TARGETS)}, lr {PARITY_LR:g}, warm-up {100 * PARITY_WARMUP:g}%, gradients clipped at norm {PARITY_CLIP:g}; per seed the same data order, "
                  "head init, initial A and sub-token alignment (peftkit's task) in both arms. PEFT "
                  f"{version('peft')}, transformers {version('transformers')}.")
         notes += f" {args.note}" if args.note else ""
