@@ -7,7 +7,7 @@ page faults of the fresh buffers they need, cost more than the LoRA matmuls them
 
 - without dropout (or in eval mode), W' = W + s·B A is formed per call (an out×in matrix, tiny next to the
   activations) and the layer runs ONE matmul forward and ONE backward for x, like the frozen base; ∂A and ∂B
-  come from thin matmuls, and g·B rides along with the backward matmul (one read of the gradient);
+  come from thin matmuls (g·B is one more, thin, pass over the output gradient);
 - with dropout, the up-projection is the "bias" that the base matmul accumulates onto, and the LoRA part of
   ∂x is added chunk-wise into the base ∂x, so no activation-sized temporary exists;
 - q, k and v read the same x: with ``shared_dropout_mask`` (opt-in) their down-projections run as one matmul
@@ -55,7 +55,7 @@ def _times_B(g: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_x_and_gB(g: torch.Tensor, w_io: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g Wᵀ, g B) from ONE matmul against [W | B]: the activation gradient g is read once, not twice."""
+    """(g Wᵀ, g B): the base's input gradient and the LoRA up-projection's, two matmuls over g."""
     return torch.mm(g, w_io.t()), _times_B(g, B)
 
 
