@@ -165,6 +165,7 @@ def timed_once(folder: Path, train: Callable[[bool], None], settings: object) ->
     the time of a finished run (then it is reused); a run interrupted before resumes from its checkpoint (the time
     is then that of its last part only). ``settings`` (JSON-able: the run's overrides) are recorded with the run; a
     folder holding a run of other settings is refused rather than reused."""
+    from peftkit.atomic import write_json
     from peftkit.train.folder import RunFolder
 
     folder = Path(folder)
@@ -177,11 +178,11 @@ def timed_once(folder: Path, train: Callable[[bool], None], settings: object) ->
         raise SystemExit(f"{folder} holds a run whose settings were not recorded; pass another output folder or "
                          "delete that one")
     folder.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(wanted))
+    write_json(recorded, wanted)
     if not timing.exists():
         started = time.perf_counter()
         train(RunFolder(folder).holds_finished_or_resumable_run())
-        timing.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+        write_json(timing, {"seconds": round(time.perf_counter() - started, 1)})
     return json.loads(timing.read_text())["seconds"]
 
 

@@ -131,6 +131,11 @@ def train_models(workdir: Path) -> dict[str, torch.nn.Module]:
     # the opt-in speed mode: the layers that read one tensor (q/k/v, gate/up) share one dropout mask and run their
     # down-projections as one matmul (PEFT, and peftkit's default, draw a mask per layer); timed, not compared
     shared = peftkit.adapt(load_base(), lora_config(shared_dropout_mask=True), adapter_name="a0")
+    with torch.no_grad():  # the same adapter as "peftkit" (non-zero B): only the dropout masks differ
+        weights = dict(ours.named_parameters())
+        for name, param in shared.named_parameters():
+            if param.requires_grad:
+                param.copy_(weights[name])
     return {"floor": floor_model(), "peftkit": ours, "peft": theirs, "peftkit-shared": shared}
 
 
@@ -150,6 +155,8 @@ def check_training(models: dict[str, torch.nn.Module], inputs: dict[str, torch.T
         model.train()
     if abs(losses["peftkit"] - losses["peft"]) > 1e-4 * abs(losses["peft"]):
         raise SystemExit(f"peftkit and PEFT losses differ: {losses}")
+    if "peftkit-shared" in losses and losses["peftkit-shared"] != losses["peftkit"]:
+        raise SystemExit(f"the shared-mask model is not the same adapter as peftkit's: {losses}")
     if abs(losses["peftkit"] - losses["floor"]) < 1e-6:
         raise SystemExit(f"the adapter does not change the loss: the comparison would be empty ({losses})")
     ours, theirs = grads["peftkit"], grads["peft"]

@@ -68,6 +68,7 @@ def cosine(model: str, groups, max_length: int, batch: int = 64) -> dict:
 
 
 def tuned(method: str, args, test: Path) -> dict:
+    from peftkit.atomic import write_json
     from peftkit.train.config import load
     from peftkit.train.run import Run
     from peftkit.train.trainer import train
@@ -77,21 +78,22 @@ def tuned(method: str, args, test: Path) -> dict:
                  str(args.data / "train.jsonl"), "--dev_file", str(args.data / "dev.jsonl"), "--output_dir", str(out),
                  "--max_length", str(args.max_length), "--batch_size", "8", "--eval_batch_size", "4", "--quiet", "true",
                  "--learning_rate", str(args.lr[method]), "--epochs", str(args.epochs),
-                 "--save_steps", str(args.save_steps), "--num_threads", str(args.threads)]
+                 "--save_steps", str(args.save_steps)]
     if args.max_steps:
         overrides += ["--max_steps", str(args.max_steps)]
-    # a finished run in --out is reused; an interrupted one resumes from its checkpoint
-    # the thread count changes how fast a run trains, not what it learns: not part of its identity
-    settings = {"overrides": overrides[:overrides.index("--num_threads")] + overrides[overrides.index("--num_threads") + 2:],
+    # a finished run in --out is reused; an interrupted one resumes from its checkpoint. The thread count changes
+    # how fast a run trains, not what it learns: it is not part of the run's identity
+    settings = {"overrides": overrides,
                 "data": {n: common.file_digest(args.data / n) for n in ("train.jsonl", "dev.jsonl")}}
-    seconds = common.timed_once(out, lambda resume: train(load(None, overrides), resume=resume), settings)
+    threads = ["--num_threads", str(args.threads)]
+    seconds = common.timed_once(out, lambda resume: train(load(None, overrides + threads), resume=resume), settings)
     # the test scores of a finished run are kept beside it, keyed by the test file (scoring takes minutes)
     scored, digest = out / "benchmark_test_result.json", common.file_digest(test)
     if scored.exists() and json.loads(scored.read_text()).get("test_sha256") == digest:
         result = json.loads(scored.read_text())["result"]
     else:
         result = {k: v for k, v in Run(out).evaluate(test).items() if k != "report_text"}
-        scored.write_text(json.dumps({"test_sha256": digest, "result": result}))
+        write_json(scored, {"test_sha256": digest, "result": result})
     return {**result, "train_seconds": seconds}
 
 

@@ -64,10 +64,11 @@ class LoraConfig(AdapterConfig):
     bias: str = option("none", "biases trained with the adapter: 'none', 'lora_only' (of adapted layers) or 'all'")
     modules_to_save: Sequence[str] | None = option(None, "modules trained whole and saved with the adapter (the "
                                                    "task head is added by itself)")
-    #: q, k and v (layers of one block reading the same input) share ONE dropout mask: a little faster on the
-    #: CPU, but not PEFT's semantics (PEFT draws a mask per layer); training-time only, not written to files
-    shared_dropout_mask: bool = option(False, "q, k, v share one LoRA dropout mask (a little faster on the CPU; "
-                                       "PEFT, and the default, draw one mask per layer)")
+    #: layers of one block reading the same input (q/k/v, gate/up) share ONE dropout mask: not PEFT's semantics
+    #: (PEFT draws a mask per layer), and not measurably faster (benchmarks/RESULTS.md: MiniLM, SmolLM2);
+    #: training-time only, not written to files
+    shared_dropout_mask: bool = option(False, "layers reading one input (q/k/v, gate/up) share one LoRA dropout "
+                                       "mask (not measurably faster; PEFT, and the default, draw one mask per layer)")
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
