@@ -43,7 +43,7 @@ class Sizes:
 
 
 FULL, QUICK = Sizes(), Sizes(train_b=2, train_t=32, new_tokens=8, big_batch=4, adapters=2)
-TRAIN = ("floor", "peftkit", "peft")
+TRAIN = ("floor", "peftkit", "peft", "floor/task-loss", "peftkit/task-loss")
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 PROMPTS = [
     "How can I cancel my order?",
@@ -146,6 +146,11 @@ def check_training(models: dict[str, torch.nn.Module], inputs: dict[str, torch.T
         model.eval()
         loss = model(**inputs).loss
         losses[name] = loss.item()
+        if name in ("floor", "peftkit"):  # the loss of ``peftkit train`` is the same number
+            with torch.no_grad():
+                ours = task_loss(model, inputs).item()
+            if abs(ours - losses[name]) > 1e-5 * abs(losses[name]):
+                raise SystemExit(f"{name}: peftkit train's loss {ours} differs from transformers' {losses[name]}")
         if name not in ("floor", "peftkit-shared"):
             loss.backward()
             # the same key in both libraries: "layers.0.self_attn.q_proj.lora_A.a0.weight"
@@ -168,12 +173,23 @@ def check_training(models: dict[str, torch.nn.Module], inputs: dict[str, torch.T
     if worst > 1e-3:
         raise SystemExit(f"peftkit and PEFT LoRA gradients differ (relative {worst:.1e})")
     return (f"peftkit and PEFT agree before timing (dropout off): loss {losses['peftkit']:.5f} vs {losses['peft']:.5f} "
-            f"(base {losses['floor']:.5f}); {len(ours)} LoRA gradients agree to {worst:.1e} (relative max abs).")
+            f"(base {losses['floor']:.5f}); {len(ours)} LoRA gradients agree to {worst:.1e} (relative max abs); "
+            f"peftkit train's chunked loss gives the same loss values.")
 
 
-def train_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+def task_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's mean token loss as ``peftkit train`` computes it (the causal-lm task: only labelled positions go
+    through lm_head, in chunks), instead of transformers' loss over the full logits."""
+    from peftkit.tasks.causal_lm_loss import conversation_sums
+
+    sums = conversation_sums(model, inputs)
+    return sums[:, 0].sum() / sums[:, 1].sum()
+
+
+def train_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_task_loss: bool = False
+               ) -> Callable[[], None]:
     def step() -> None:
-        model(**inputs).loss.backward()
+        (task_loss(model, inputs) if with_task_loss else model(**inputs).loss).backward()
         for param in model.parameters():
             param.grad = None
 
@@ -187,14 +203,15 @@ def memory_child(impl: str, sizes: Sizes) -> None:
 
     import peftkit
 
-    if impl == "floor":
+    kind, _, loss = impl.partition("/")
+    if kind == "floor":
         model = floor_model()
-    elif impl == "peftkit":
+    elif kind == "peftkit":
         model = peftkit.adapt(load_base(), lora_config())
     else:  # the same configuration (PEFT's all-linear also takes q/k/v/o/gate/up/down and leaves lm_head)
         model = peft.get_peft_model(load_base(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    step = train_step(model.train(), train_inputs(sizes))
+    step = train_step(model.train(), train_inputs(sizes), with_task_loss=loss == "task-loss")
     before = common.rss_bytes()
     common.reset_peak_rss()
     for _ in range(3):
@@ -208,7 +225,10 @@ def training_part(sizes: Sizes, repeats: int, memory: bool, quick: bool) -> tupl
         models = train_models(Path(workdir))
     check = check_training(models, inputs)
     print(check, flush=True)
-    times = common.interleaved({name: train_step(model, inputs) for name, model in models.items()}, repeats)
+    steps = {name: train_step(model, inputs) for name, model in models.items()}
+    for name in ("floor", "peftkit"):  # the same models, with the loss of ``peftkit train``
+        steps[f"{name}/task-loss"] = train_step(models[name], inputs, with_task_loss=True)
+    times = common.interleaved(steps, repeats)
     med = {name: common.median(values) for name, values in times.items()}
     del models
     mem: dict[str, float] = {}
@@ -229,6 +249,14 @@ def training_part(sizes: Sizes, repeats: int, memory: bool, quick: bool) -> tupl
              memory_cell("peftkit")],
             ["peftkit, shared dropout mask (opt-in)", f"{med['peftkit-shared']:.2f}",
              f"{med['peftkit-shared'] / floor:.2f}", f"{med['peftkit-shared'] / med['peft']:.2f}", "–"]]
+    # the loss ``peftkit train`` uses (labelled positions only, chunked): a change of the whole step, floor included,
+    # so its rows compare with the floor on the same loss; the verdicts above stay on transformers' loss
+    task_floor = med["floor/task-loss"]
+    rows += [["floor, peftkit train's loss", f"{task_floor:.2f}", f"{task_floor / floor:.2f} (1.00)", "–",
+              memory_cell("floor/task-loss")],
+             ["peftkit, peftkit train's loss", f"{med['peftkit/task-loss']:.2f}",
+              f"{med['peftkit/task-loss'] / floor:.2f} ({med['peftkit/task-loss'] / task_floor:.2f})",
+              f"{med['peftkit/task-loss'] / med['peft']:.2f}", memory_cell("peftkit/task-loss")]]
     verdicts = [_verdict("train peftkit/floor", med["peftkit"] / floor, "<=", 1.15),
                 _verdict("train peftkit/PEFT", med["peftkit"] / med["peft"], "<=", 0.8)]
     if mem:

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import Datasets, Task, register_task
 from . import causal_lm_data as C
+from .causal_lm_loss import conversation_sums
 from .data import DataError
 
 CARRIED = ("method", "max_length", "prompt_column", "completion_column", "system_prompt", "max_new_tokens")
@@ -105,13 +106,9 @@ class CausalLM(Task):
         return C.collate(tokenizer, features)
 
     def forward(self, model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
-        """Per conversation: [summed NLL of its assistant tokens, their count] (teacher-forced)."""
-        labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-        shifted = labels[:, 1:]
-        nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
-                                          ignore_index=C.IGNORE, reduction="none")
-        return torch.stack([nll.sum(1), (shifted != C.IGNORE).sum(1).to(nll.dtype)], dim=1)
+        """Per conversation: [summed NLL of its assistant tokens, their count] (teacher-forced; only the labelled
+        positions go through the output head, in chunks: ``causal_lm_loss``)."""
+        return conversation_sums(model, batch, **kwargs)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs

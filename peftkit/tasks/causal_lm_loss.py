@@ -1,0 +1,80 @@
+"""Per-conversation causal-LM loss sums: the decoder's hidden states through ``head_token_nll`` when the model is
+"decoder, then a frozen linear head", else the plain logits path.
+
+Whether a model is that shape is not guessed from its class: some causal LMs scale or soft-cap their logits after the
+head. The first time a model is seen, both paths score one short row with the model in eval mode and must agree
+(|Δ| < 1e-4 per token); the answer is remembered per model object.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+from torch import nn
+
+from ..ops.token_loss import head_token_nll
+
+IGNORE = -100
+_AGREES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def conversation_sums(model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+    """Per row: [summed NLL of the labelled tokens (teacher-forced), their count]."""
+    labels = batch["labels"][:, 1:]
+    split = None if kwargs else _decoder_and_head(model)
+    if split is None:
+        nll = _plain_nll(model, batch, **kwargs)
+    else:
+        decoder, head = split
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+        nll = head_token_nll(hidden[:, :-1], head.weight, head.bias, labels, IGNORE)
+    return torch.stack([nll.sum(1), (labels != IGNORE).sum(1).to(nll.dtype)], dim=1)
+
+
+def _plain_nll(model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    return nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
+                                       ignore_index=IGNORE, reduction="none")
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, lm_head) of a model whose logits are ``lm_head(decoder(...))`` with a frozen head, else None."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None  # DDP/FSDP hooks run on the wrapper's forward: calling the parts directly would bypass them
+    hf = model.base_model if hasattr(model, "adapters") and hasattr(model, "base_model") else model
+    if not (hasattr(hf, "get_decoder") and hasattr(hf, "get_output_embeddings")):
+        return None
+    decoder, head = hf.get_decoder(), hf.get_output_embeddings()
+    if decoder is None or decoder is hf or type(head) is not nn.Linear:
+        return None
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None
+    if hf not in _AGREES:
+        _AGREES[hf] = _paths_agree(model, decoder, head)
+    return (decoder, head) if _AGREES[hf] else None
+
+
+def _paths_agree(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
+    ids = torch.arange(3, 11, device=head.weight.device).remainder(head.out_features)[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            plain = _plain_nll(model, batch)
+            hidden = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)[0]
+            chunked = head_token_nll(hidden[:, :-1], head.weight, head.bias, ids[:, 1:], IGNORE)
+        agree = bool(torch.allclose(plain, chunked, rtol=1e-4, atol=1e-4))
+    except Exception as error:  # noqa: BLE001 - any failure means: use the plain path
+        print(f"note: the chunked causal-LM loss is off for this model ({error}); using the plain loss",
+              file=sys.stderr, flush=True)
+        return False
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not agree:
+        print("note: this model's logits are not lm_head(decoder(...)) (scaled or soft-capped?); using the plain "
+              "causal-LM loss", file=sys.stderr, flush=True)
+    return agree
