@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..model import AdaptedModel
 from ..ops.token_loss import head_token_nll
 
 IGNORE = -100
@@ -43,7 +44,7 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder, lm_head) of a model whose logits are ``lm_head(decoder(...))`` with a frozen head, else None."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None  # DDP/FSDP hooks run on the wrapper's forward: calling the parts directly would bypass them
-    hf = model.base_model if hasattr(model, "adapters") and hasattr(model, "base_model") else model
+    hf = model.base_model if isinstance(model, AdaptedModel) else model
     if not (hasattr(hf, "get_decoder") and hasattr(hf, "get_output_embeddings")):
         return None
     decoder, head = hf.get_decoder(), hf.get_output_embeddings()
