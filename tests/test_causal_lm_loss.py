@@ -85,14 +85,38 @@ def test_head_token_nll_matches_cross_entropy_and_input_gradient():
     assert torch.allclose(grad_ours, grad_plain, atol=1e-5)
 
 
-def test_a_trainable_head_is_refused_by_the_op_and_skipped_by_the_task():
-    model = tiny_llama()
-    with pytest.raises(ValueError, match="trainable head"):
-        head_token_nll(torch.randn(1, 2, 32), model.lm_head.weight, None, torch.tensor([[1, 2]]))
-    assert causal_lm_loss._decoder_and_head(model) is None  # full fine-tuning: lm_head trains
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-tied"])
+def test_full_fine_tuning_gets_every_gradient_including_the_head(build, monkeypatch):
+    monkeypatch.setattr(token_loss, "CHUNK_ELEMENTS", 3 * 100)
+    model, batch = build(), _batch()
+    model.train()
     for param in model.parameters():
-        param.requires_grad_(False)
+        param.requires_grad_(True)
     assert causal_lm_loss._decoder_and_head(model) is not None
+    plain, plain_grads = _sums_and_grads(model, batch, chunked=False)
+    chunked, chunked_grads = _sums_and_grads(model, batch, chunked=True)
+    assert torch.allclose(chunked, plain, rtol=1e-5, atol=1e-5)
+    head = "lm_head.weight" if build is tiny_llama else "transformer.wte.weight"  # GPT-2: tied to the embedding
+    assert head in chunked_grads and chunked_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_trainable_head_with_bias_gets_its_gradients():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(11, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5), generator=generator)
+    targets[1, 0] = -100
+    upstream = torch.rand(2, 5, generator=generator)
+    ours = head_token_nll(hidden, weight, bias, targets)
+    grads_ours = torch.autograd.grad((ours * upstream).sum(), (hidden, weight, bias))
+    plain = nn.functional.cross_entropy((hidden @ weight.T + bias).transpose(1, 2), targets, reduction="none")
+    grads_plain = torch.autograd.grad((plain * upstream).sum(), (hidden, weight, bias))
+    assert torch.allclose(ours, plain, atol=1e-5)
+    for a, b in zip(grads_ours, grads_plain):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 class _ScaledLogits(nn.Module):
@@ -125,3 +149,13 @@ def test_a_model_whose_logits_are_not_the_heads_output_uses_the_plain_loss(capsy
     batch = _batch()
     expected = _plain_nll(model, batch).sum(1)
     assert torch.allclose(conversation_sums(model, batch)[:, 0], expected)
+
+
+def test_a_bf16_model_takes_the_chunked_path_and_scores_in_fp32():
+    model = tiny_llama().to(torch.bfloat16)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    assert causal_lm_loss._decoder_and_head(model) is not None  # the logits check compares like with like
+    batch = _batch()
+    plain = _plain_nll(model, batch).sum(1)
+    assert torch.allclose(conversation_sums(model, batch)[:, 0], plain, rtol=2e-2, atol=2e-2)

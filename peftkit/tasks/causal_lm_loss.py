@@ -1,9 +1,9 @@
 """Per-conversation causal-LM loss sums: the decoder's hidden states through ``head_token_nll`` when the model is
-"decoder, then a frozen linear head", else the plain logits path.
+"decoder, then a linear head", else the plain logits path.
 
 Whether a model is that shape is not guessed from its class: some causal LMs scale or soft-cap their logits after the
-head. The first time a model is seen, both paths score one short row with the model in eval mode and must agree
-(|Δ| < 1e-4 per token); the answer is remembered per model object.
+head. The first time a model is seen, its own logits for one short row (eval mode) must equal ``lm_head`` applied
+to its decoder's output; the answer is remembered per model object. The loss itself is then computed in fp32.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _plain_nll(model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, lm_head) of a model whose logits are ``lm_head(decoder(...))`` with a frozen head, else None."""
+    """(decoder, lm_head) of a model whose logits are ``lm_head(decoder(...))``, else None."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None  # DDP/FSDP hooks run on the wrapper's forward: calling the parts directly would bypass them
     hf = model.base_model if isinstance(model, AdaptedModel) else model
@@ -50,24 +50,23 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     decoder, head = hf.get_decoder(), hf.get_output_embeddings()
     if decoder is None or decoder is hf or type(head) is not nn.Linear:
         return None
-    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
-        return None
     if hf not in _AGREES:
         _AGREES[hf] = _paths_agree(model, decoder, head)
     return (decoder, head) if _AGREES[hf] else None
 
 
 def _paths_agree(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
+    # the model's own logits against lm_head on the decoder's output, computed by the same modules in the same
+    # dtype (and autocast): equal unless the model does something after the head
     ids = torch.arange(3, 11, device=head.weight.device).remainder(head.out_features)[None]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    mask = torch.ones_like(ids)
     modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
-            plain = _plain_nll(model, batch)
-            hidden = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)[0]
-            chunked = head_token_nll(hidden[:, :-1], head.weight, head.bias, ids[:, 1:], IGNORE)
-        agree = bool(torch.allclose(plain, chunked, rtol=1e-4, atol=1e-4))
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            ours = head(decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]).float()
+        agree = logits.shape == ours.shape and bool(torch.allclose(logits, ours, rtol=1e-4, atol=1e-4))
     except Exception as error:  # noqa: BLE001 - any failure means: use the plain path
         print(f"note: the chunked causal-LM loss is off for this model ({error}); using the plain loss",
               file=sys.stderr, flush=True)
