@@ -159,3 +159,13 @@ def test_a_bf16_model_takes_the_chunked_path_and_scores_in_fp32():
     batch = _batch()
     plain = _plain_nll(model, batch).sum(1)
     assert torch.allclose(conversation_sums(model, batch)[:, 0], plain, rtol=2e-2, atol=2e-2)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 4, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 8, generator=generator)
+    loss = head_token_nll(hidden, weight, None, torch.tensor([[1, 2, -100, 3]])).sum()
+    (first,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, hidden)
+    assert torch.equal(first, second) and first.abs().max() > 0

@@ -61,7 +61,7 @@ class _HeadNll(torch.autograd.Function):
         if not ctx.need_head:
             rows, grad = ctx.saved_tensors
             scale = grad_nll.reshape(-1)[rows].float()
-            grad_hidden = _scatter_rows(grad.mul_(scale[:, None]), rows, ctx)
+            grad_hidden = _scatter_rows(grad * scale[:, None], rows, ctx)  # saved grad kept: retain_graph
             return grad_hidden, None, None, None, None
         rows, hidden, weight, bias, picked, lse_all = ctx.saved_tensors
         flat = hidden.reshape(-1, hidden.shape[-1])
