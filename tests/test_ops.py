@@ -228,3 +228,13 @@ def test_bf16_base_with_fp32_master_adapters():
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainable)
     assert all(torch.isfinite(p.grad).all() for p in trainable)
+
+
+def test_row_chunks_cover_every_row_once_aligned_and_near_the_budget():
+    from peftkit.ops.chunks import row_chunks
+
+    for rows, width, elements, align in [(100, 7, 50, 8), (3, 1000, 10, 1), (1816 + 232, 576, 1 << 20, 8), (0, 5, 9, 1)]:
+        parts = list(row_chunks(rows, width, elements, align))
+        assert [i for p in parts for i in range(p.start, p.stop)] == list(range(rows))
+        assert all((p.stop - p.start) % align == 0 and p.stop - p.start >= align for p in parts[:-1])
+        assert all((p.stop - p.start) * width <= max(elements, align * width) for p in parts)

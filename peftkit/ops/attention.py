@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunks import row_chunks
 from .dropout import effective_p, keep_mask
 
 _CHUNK_ELEMENTS = 1 << 21  # attention-matrix elements per chunk
@@ -59,9 +60,7 @@ def _rows(keep, b: slice, probs: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def _batches(batch: int, per_item: int):
-    step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
-    for start in range(0, batch, step):
-        yield slice(start, min(batch, start + step))
+    return row_chunks(batch, per_item, _CHUNK_ELEMENTS)
 
 
 def attention(q, k, v, mask=None, dropout: float = 0.0, scale: float | None = None, is_causal: bool = False):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunks import row_chunks
 from .dropout import KeepMask, effective_p, keep_mask
 from .recompute import SavedInput
 
@@ -31,9 +32,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(rows: int, width: int):
-    step = max(8, (CHUNK_ELEMENTS // max(width, 1)) // 8 * 8)  # multiples of 8 rows: byte-aligned packed masks
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+    return row_chunks(rows, width, CHUNK_ELEMENTS, align=8)  # multiples of 8 rows: byte-aligned packed masks
 
 
 def _as_in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:

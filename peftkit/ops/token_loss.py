@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .chunks import row_chunks
+
 #: logits per chunk (32 MB in fp32): under glibc's largest mmap threshold, so the buffer is reused, not re-faulted
 CHUNK_ELEMENTS = 1 << 23
 
@@ -37,7 +39,7 @@ class _HeadNll(torch.autograd.Function):
         grad = torch.empty(rows.shape[0], width, dtype=torch.float32, device=hidden.device) if early else None
         lse_all = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device) if need_head else None
         w, b = _fp32(weight), _fp32(bias)
-        for part in _chunks(rows.shape[0], w.shape[0]):
+        for part in row_chunks(rows.shape[0], w.shape[0], CHUNK_ELEMENTS):
             logits = _logits(flat[rows[part]], w, b)
             lse = torch.logsumexp(logits, dim=1)
             index = torch.arange(logits.shape[0], device=logits.device)
@@ -71,7 +73,7 @@ class _HeadNll(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(b) if b is not None and ctx.needs_input_grad[2] else None
-        for part in _chunks(rows.shape[0], w.shape[0]):
+        for part in row_chunks(rows.shape[0], w.shape[0], CHUNK_ELEMENTS):
             h = flat[rows[part]].float()
             probs = _logits(h, w, b).sub_(lse_all[part, None]).exp_()
             index = torch.arange(probs.shape[0], device=probs.device)
@@ -99,12 +101,6 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     h = h.float()
     return torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-
-
-def _chunks(rows: int, vocabulary: int):
-    step = max(1, CHUNK_ELEMENTS // vocabulary)
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
 
 
 def _scatter_rows(grad: torch.Tensor, rows: torch.Tensor, ctx) -> torch.Tensor:

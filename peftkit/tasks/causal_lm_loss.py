@@ -16,8 +16,8 @@ from torch import nn
 
 from ..model import AdaptedModel
 from ..ops.token_loss import head_token_nll
+from .causal_lm_data import IGNORE
 
-IGNORE = -100
 _AGREES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -30,7 +30,10 @@ def conversation_sums(model: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
     else:
         decoder, head = split
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-        nll = head_token_nll(hidden[:, :-1], head.weight, head.bias, labels, IGNORE)
+        # position t predicts token t+1; the last position predicts nothing (a target of IGNORE). Scoring the whole
+        # hidden tensor with shifted targets avoids copying hidden[:, :-1]
+        targets = torch.cat([labels, labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+        nll = head_token_nll(hidden, head.weight, head.bias, targets, IGNORE)[:, :-1]
     return torch.stack([nll.sum(1), (labels != IGNORE).sum(1).to(nll.dtype)], dim=1)
 
 
